@@ -1,0 +1,15 @@
+//! microhv-core: the hypervisor's logic, kept free of hardware access so that
+//! `cargo test` exercises it on the host. The bare-metal binary in
+//! `microhv/kernel` wires these pieces to the real machine.
+#![cfg_attr(not(test), no_std)]
+#![forbid(unsafe_code)]
+
+pub mod cmdline;
+pub mod frame;
+pub mod memmap;
+pub mod multiboot;
+pub mod paging;
+pub mod range;
+
+/// Size of a base page / machine frame.
+pub const PAGE_SIZE: u64 = 4096;

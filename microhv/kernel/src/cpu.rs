@@ -1,0 +1,175 @@
+//! The CPU's descriptor tables: GDT (with the ring-1 and ring-3 segments the
+//! PV guests will use), the TSS with IST stacks and an all-deny I/O bitmap,
+//! and the IDT that sends every vector to the trap stubs in `trap.rs`.
+
+use core::arch::asm;
+use core::mem::size_of;
+use core::ptr::addr_of;
+
+/// Selectors. Ring-1 selectors carry RPL 1, ring-3 ones RPL 3. The guest
+/// selectors are in the GDT now and used once PV domains run.
+pub const HV_CS: u16 = 0x08;
+pub const HV_DS: u16 = 0x10;
+#[allow(dead_code)]
+pub const GUEST_KERNEL_CS: u16 = 0x18 | 1;
+#[allow(dead_code)]
+pub const GUEST_KERNEL_DS: u16 = 0x20 | 1;
+#[allow(dead_code)]
+pub const GUEST_USER_DS: u16 = 0x28 | 3;
+#[allow(dead_code)]
+pub const GUEST_USER_CS: u16 = 0x30 | 3;
+pub const TSS_SEL: u16 = 0x38;
+
+/// IST slots (1-based, as the IDT encodes them).
+pub const IST_NMI: u8 = 1;
+pub const IST_DOUBLE_FAULT: u8 = 2;
+pub const IST_MACHINE_CHECK: u8 = 3;
+
+const IST_STACK_SIZE: usize = 16 * 1024;
+
+/// 64-bit TSS followed by the I/O permission bitmap (all ports denied).
+#[repr(C, packed)]
+pub struct Tss {
+    _reserved0: u32,
+    pub rsp: [u64; 3],
+    _reserved1: u64,
+    pub ist: [u64; 7],
+    _reserved2: u64,
+    _reserved3: u16,
+    pub iomap_base: u16,
+    pub io_bitmap: [u8; 8192],
+    /// The CPU reads one byte past the bitmap; it must have all bits set.
+    io_bitmap_end: u8,
+}
+
+const TSS_IOMAP_OFFSET: u16 = 104;
+const _: () = assert!(core::mem::offset_of!(Tss, io_bitmap) == TSS_IOMAP_OFFSET as usize);
+
+#[repr(C, align(16))]
+struct Stack([u8; IST_STACK_SIZE]);
+
+static mut IST_STACKS: [Stack; 3] = [const { Stack([0; IST_STACK_SIZE]) }; 3];
+
+static mut TSS: Tss = Tss {
+    _reserved0: 0,
+    rsp: [0; 3],
+    _reserved1: 0,
+    ist: [0; 7],
+    _reserved2: 0,
+    _reserved3: 0,
+    iomap_base: TSS_IOMAP_OFFSET,
+    io_bitmap: [0xff; 8192],
+    io_bitmap_end: 0xff,
+};
+
+/// Segment descriptors with the accessed bit preset, so the CPU never needs
+/// to write to the GDT (it can then be mapped read-only).
+static mut GDT: [u64; 9] = [
+    0,
+    0x00AF_9B00_0000_FFFF, // 0x08 code, DPL 0, long mode
+    0x00CF_9300_0000_FFFF, // 0x10 data, DPL 0
+    0x00AF_BB00_0000_FFFF, // 0x18 code, DPL 1 (PV guest kernels)
+    0x00CF_B300_0000_FFFF, // 0x20 data, DPL 1
+    0x00CF_F300_0000_FFFF, // 0x28 data, DPL 3 (guest user code)
+    0x00AF_FB00_0000_FFFF, // 0x30 code, DPL 3
+    0,                     // 0x38 TSS, low half (filled in at init)
+    0,                     // TSS, high half
+];
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct IdtEntry {
+    offset_low: u16,
+    selector: u16,
+    ist: u8,
+    type_attr: u8,
+    offset_mid: u16,
+    offset_high: u32,
+    _reserved: u32,
+}
+
+static mut IDT: [IdtEntry; 256] = [IdtEntry {
+    offset_low: 0,
+    selector: 0,
+    ist: 0,
+    type_attr: 0,
+    offset_mid: 0,
+    offset_high: 0,
+    _reserved: 0,
+}; 256];
+
+#[repr(C, packed)]
+struct DescriptorPointer {
+    limit: u16,
+    base: u64,
+}
+
+fn tss_descriptor(base: u64, limit: u32) -> (u64, u64) {
+    let mut low = (limit as u64 & 0xFFFF) | ((base & 0xFF_FFFF) << 16);
+    low |= 0x89 << 40; // present, type 9 (available 64-bit TSS), DPL 0
+    low |= ((limit as u64 >> 16) & 0xF) << 48;
+    low |= ((base >> 24) & 0xFF) << 56;
+    (low, base >> 32)
+}
+
+/// Loads the GDT, TSS and IDT. Called once, early, with interrupts off.
+pub fn init() {
+    let stubs = crate::trap::stub_base();
+    // SAFETY: single-threaded early boot with interrupts disabled; nothing else
+    // references these statics yet, and the tables outlive the CPU's use of them.
+    unsafe {
+        let tss = &mut *core::ptr::addr_of_mut!(TSS);
+        let stacks = &*addr_of!(IST_STACKS);
+        for (slot, stack) in [IST_NMI, IST_DOUBLE_FAULT, IST_MACHINE_CHECK].iter().zip(stacks.iter()) {
+            tss.ist[*slot as usize - 1] = stack.0.as_ptr() as u64 + IST_STACK_SIZE as u64;
+        }
+        // Until there are guests, ring-3/ring-1 entries never happen; RSP0 is set
+        // per vCPU when guests run. Point it at the boot stack meanwhile.
+        tss.rsp[0] = addr_of!(crate::boot_stack_top) as u64;
+
+        let gdt = &mut *core::ptr::addr_of_mut!(GDT);
+        let (lo, hi) = tss_descriptor(addr_of!(TSS) as u64, size_of::<Tss>() as u32 - 1);
+        gdt[7] = lo;
+        gdt[8] = hi;
+        let gdtr = DescriptorPointer { limit: (size_of::<[u64; 9]>() - 1) as u16, base: gdt.as_ptr() as u64 };
+        asm!(
+            "lgdt [{gdtr}]",
+            "push {cs}",
+            "lea {tmp}, [rip + 2f]",
+            "push {tmp}",
+            "retfq",
+            "2:",
+            "mov ds, {ds:x}",
+            "mov es, {ds:x}",
+            "mov ss, {ds:x}",
+            "ltr {tss:x}",
+            gdtr = in(reg) &gdtr,
+            cs = in(reg) HV_CS as u64,
+            ds = in(reg) HV_DS as u64,
+            tss = in(reg) TSS_SEL as u64,
+            tmp = out(reg) _,
+        );
+
+        let idt = &mut *core::ptr::addr_of_mut!(IDT);
+        for (vector, e) in idt.iter_mut().enumerate() {
+            let handler = stubs + 16 * vector as u64;
+            let ist = match vector {
+                2 => IST_NMI,
+                8 => IST_DOUBLE_FAULT,
+                18 => IST_MACHINE_CHECK,
+                _ => 0,
+            };
+            *e = IdtEntry {
+                offset_low: handler as u16,
+                selector: HV_CS,
+                ist,
+                type_attr: 0x8E, // present, DPL 0, 64-bit interrupt gate
+                offset_mid: (handler >> 16) as u16,
+                offset_high: (handler >> 32) as u32,
+                _reserved: 0,
+            };
+        }
+        let idtr = DescriptorPointer { limit: (size_of::<[IdtEntry; 256]>() - 1) as u16, base: idt.as_ptr() as u64 };
+        asm!("lidt [{}]", in(reg) &idtr);
+    }
+}

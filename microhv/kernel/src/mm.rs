@@ -1,0 +1,193 @@
+//! Memory bring-up: the frame allocator from the multiboot map, the
+//! hypervisor's own W^X page tables, and the heap.
+//!
+//! Address space: physical = virtual. RAM and the boot modules are mapped
+//! read-write, never executable; the image is mapped per section (text RX,
+//! rodata R, data/bss RW+NX); page 0 is left unmapped; the local APIC is
+//! mapped uncached.
+
+use core::ptr::addr_of;
+use linked_list_allocator::LockedHeap;
+use microhv_core::frame::{FrameAllocator, Mfn};
+use microhv_core::memmap::MemoryMap;
+use microhv_core::paging::{MapError, PageTables, PteFlags, TableMemory, SIZE_2M};
+use microhv_core::range::{Range, RangeSet};
+use microhv_core::PAGE_SIZE;
+use spin::Mutex;
+
+extern "C" {
+    static __image_start: u8;
+    static __text_end: u8;
+    static __rodata_end: u8;
+    static __image_end: u8;
+}
+
+/// Bitmap words: one bit per frame up to 16 GiB of physical address space.
+const BITMAP_WORDS: usize = (16usize << 30) / 4096 / 64;
+static mut FRAME_BITMAP: [u64; BITMAP_WORDS] = [0; BITMAP_WORDS];
+
+pub static FRAMES: Mutex<Option<FrameAllocator<'static>>> = Mutex::new(None);
+
+#[global_allocator]
+static HEAP: LockedHeap = LockedHeap::empty();
+
+pub const HEAP_SIZE: u64 = 4 << 20;
+
+/// Sections of the hypervisor image.
+pub struct ImageLayout {
+    pub image: Range,
+    pub text: Range,
+    pub rodata: Range,
+    pub data: Range,
+}
+
+pub fn image_layout() -> ImageLayout {
+    // Linker-script symbols: only their addresses are used.
+    let (start, text_end, ro_end, end) = (
+        addr_of!(__image_start) as u64,
+        addr_of!(__text_end) as u64,
+        addr_of!(__rodata_end) as u64,
+        addr_of!(__image_end) as u64,
+    );
+    ImageLayout {
+        image: Range::new(start, end),
+        text: Range::new(start, text_end),
+        rodata: Range::new(text_end, ro_end),
+        data: Range::new(ro_end, end),
+    }
+}
+
+/// Page-table frames come from the frame allocator and are reached through
+/// the identity mapping (below 4 GiB while the boot tables are live).
+struct AllocatorTables;
+
+impl TableMemory for AllocatorTables {
+    fn alloc_table(&mut self) -> Option<u64> {
+        let mfn = FRAMES.lock().as_mut()?.alloc_below(1 << 32)?;
+        let pa = mfn.addr();
+        // SAFETY: a freshly allocated frame, identity-mapped, owned by nobody else.
+        unsafe { core::ptr::write_bytes(pa as *mut u8, 0, PAGE_SIZE as usize) };
+        Some(pa)
+    }
+
+    fn table(&mut self, pa: u64) -> &mut [u64; 512] {
+        // SAFETY: `pa` is a page-table frame this builder allocated (identity-mapped).
+        unsafe { &mut *(pa as *mut [u64; 512]) }
+    }
+}
+
+pub struct MemorySummary {
+    pub usable: u64,
+    pub high: u64,
+    pub reserved: u64,
+    pub free_frames: u64,
+    pub total_frames: u64,
+    pub ignored: u64,
+    pub heap: Range,
+    pub cr3: u64,
+}
+
+/// Everything that must never be handed out: image, modules, low 1 MiB.
+pub fn build_allocator(map: &MemoryMap, modules: &RangeSet<16>) -> Result<(), &'static str> {
+    let layout = image_layout();
+    let mut free = map.usable.clone();
+    let err = "memory map too fragmented";
+    free.remove(Range::new(0, 1 << 20)).map_err(|_| err)?;
+    free.remove(layout.image).map_err(|_| err)?;
+    for m in modules.iter() {
+        free.remove(Range::new(m.start & !(PAGE_SIZE - 1), m.end.next_multiple_of(PAGE_SIZE))).map_err(|_| err)?;
+    }
+    // SAFETY: called once during boot; nothing else refers to the bitmap.
+    let bits = unsafe { &mut *core::ptr::addr_of_mut!(FRAME_BITMAP) };
+    *FRAMES.lock() = Some(FrameAllocator::new(bits, &free));
+    Ok(())
+}
+
+/// Builds and loads the hypervisor's page tables, then sets up the heap.
+pub fn init(map: &MemoryMap, modules: &RangeSet<16>, apic_base: u64) -> Result<MemorySummary, MapError> {
+    let layout = image_layout();
+    let mut pt = PageTables::new(AllocatorTables)?;
+
+    // RAM and modules, minus the image and page 0: read-write, no execute.
+    let mut direct = map.usable.clone();
+    for m in modules.iter() {
+        let _ = direct.add(Range::new(m.start & !(PAGE_SIZE - 1), m.end.next_multiple_of(PAGE_SIZE)));
+    }
+    // The BIOS area below 1 MiB holds the multiboot structures: keep it readable.
+    let _ = direct.add(Range::new(0, 1 << 20));
+    let _ = direct.remove(layout.image);
+    let _ = direct.remove(Range::new(0, PAGE_SIZE));
+    let rw = PteFlags::WRITABLE | PteFlags::NO_EXECUTE;
+    for r in direct.iter() {
+        pt.map_range(r.start, r.start, r.len(), rw)?;
+    }
+    // The image, per section.
+    pt.map_range(layout.text.start, layout.text.start, layout.text.len(), PteFlags::empty())?;
+    pt.map_range(layout.rodata.start, layout.rodata.start, layout.rodata.len(), PteFlags::NO_EXECUTE)?;
+    pt.map_range(layout.data.start, layout.data.start, layout.data.len(), rw)?;
+    // Local APIC registers, uncached.
+    pt.map_4k(apic_base, apic_base, rw | PteFlags::NO_CACHE | PteFlags::WRITE_THROUGH)?;
+
+    let cr3 = pt.root();
+    // SAFETY: the new tables map everything the running code touches (image,
+    // stack in .bss, RAM, APIC) at the same addresses as the boot tables.
+    unsafe {
+        core::arch::asm!("mov cr3, {}", in(reg) cr3, options(nostack));
+    }
+
+    // Heap: 4 MiB of contiguous frames, 2 MiB aligned.
+    let heap_start = FRAMES
+        .lock()
+        .as_mut()
+        .and_then(|a| a.alloc_contiguous(HEAP_SIZE / PAGE_SIZE, SIZE_2M / PAGE_SIZE))
+        .ok_or(MapError::OutOfMemory)?
+        .addr();
+    // SAFETY: the frames were just taken from the allocator for the heap alone
+    // and are mapped read-write.
+    unsafe { HEAP.lock().init(heap_start as *mut u8, HEAP_SIZE as usize) };
+
+    let frames = FRAMES.lock();
+    let a = frames.as_ref().expect("allocator built before mm::init");
+    let (_, high) = map.split_at_4g();
+    Ok(MemorySummary {
+        usable: map.usable.total(),
+        high,
+        reserved: map.reserved.total(),
+        free_frames: a.free_frames(),
+        total_frames: a.total_frames(),
+        ignored: a.ignored_bytes(),
+        heap: Range::new(heap_start, heap_start + HEAP_SIZE),
+        cr3,
+    })
+}
+
+/// Translates `va` in the live hypervisor tables (for self-checks).
+pub fn translate(cr3: u64, va: u64) -> Option<(u64, PteFlags)> {
+    struct Live;
+    impl TableMemory for Live {
+        fn alloc_table(&mut self) -> Option<u64> {
+            None
+        }
+        fn table(&mut self, pa: u64) -> &mut [u64; 512] {
+            // SAFETY: walking the live tables, which are identity-mapped RAM.
+            unsafe { &mut *(pa as *mut [u64; 512]) }
+        }
+    }
+    PageTables::from_root(cr3, Live).translate(va)
+}
+
+pub fn heap_free() -> usize {
+    HEAP.lock().free()
+}
+
+pub fn alloc_frame() -> Option<Mfn> {
+    FRAMES.lock().as_mut()?.alloc()
+}
+
+pub fn free_frame(mfn: Mfn) -> Result<(), microhv_core::frame::FreeError> {
+    FRAMES.lock().as_mut().expect("frame allocator").free(mfn)
+}
+
+pub fn free_frames() -> u64 {
+    FRAMES.lock().as_ref().map_or(0, |a| a.free_frames())
+}
