@@ -1,1 +1,97 @@
-fn main() {}
+//! `cargo xtask <command>`: the one entry point for people using microhv.
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use std::process::Command;
+use std::time::Duration;
+use xtask::{build_images, detect_accel, ensure_qemu, project_root, Accel, QemuRun};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, boot and test microhv")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build microhv, dom0 and domu-kernel for x86_64-unknown-none.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build and boot microhv with Dom0 and two DomUs in QEMU.
+    Qemu {
+        #[arg(long)]
+        release: bool,
+        /// Force an accelerator (default: KVM only with hardware virtualization, else TCG).
+        #[arg(long, value_enum)]
+        accel: Option<Accel>,
+        /// Extra hypervisor command line, e.g. "loglevel=debug".
+        #[arg(long, default_value = "")]
+        cmdline: String,
+        /// Seconds before QEMU is stopped and the run counts as failed.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+        /// Deterministic virtual time: QEMU's clock counts instructions.
+        #[arg(long)]
+        icount: bool,
+    },
+    /// Run every test: host unit tests and the QEMU system tests.
+    Test,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Cmd::Build { release } => {
+            let images = build_images(release)?;
+            println!("xtask: images in {}", images.dir.display());
+            Ok(0)
+        }
+        Cmd::Qemu { release, accel, cmdline, timeout, icount } => {
+            ensure_qemu()?;
+            let images = build_images(release)?;
+            let (accel, why) = match accel {
+                Some(a) => (a, "forced with --accel"),
+                None => detect_accel(),
+            };
+            println!("xtask: accelerator: {} ({why})", accel.name());
+            let mut run = QemuRun::new(&images).cmdline(&cmdline);
+            run.accel = accel;
+            run.timeout = Duration::from_secs(timeout);
+            run.echo = true;
+            run.icount = icount;
+            let result = run.run()?;
+            println!("xtask: {} ({:.1} s, accelerator {})", result.outcome.describe(), result.wall.as_secs_f64(), accel.name());
+            Ok(result.outcome.exit_code())
+        }
+        Cmd::Test => {
+            ensure_qemu()?;
+            let images = build_images(false)?;
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            println!("xtask: running host unit tests and QEMU system tests (accelerator: TCG)");
+            let status = Command::new(cargo)
+                .current_dir(project_root())
+                .args(["test", "--workspace", "--exclude", "microhv", "--exclude", "dom0", "--exclude", "domu-kernel"])
+                .env("MICROHV_IMAGE_DIR", &images.dir)
+                .status()?;
+            if !status.success() {
+                bail!("tests failed");
+            }
+            println!("xtask: all tests passed");
+            Ok(0)
+        }
+    }
+}

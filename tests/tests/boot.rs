@@ -1,0 +1,67 @@
+//! System tests for the foundation: a normal boot and deliberate faults.
+//! Each boots the real images in QEMU (TCG) and checks the serial console.
+
+use xtask::{images_for_tests, Outcome, QemuRun, RunResult};
+
+fn boot(cmdline: &str) -> RunResult {
+    let run = QemuRun::new(&images_for_tests()).cmdline(cmdline);
+    run.run().expect("QEMU could not be started")
+}
+
+#[test]
+fn normal_boot_passes_its_self_check_and_powers_off() {
+    let r = boot("");
+    let out = &r.serial;
+    assert_eq!(r.outcome, Outcome::Success, "serial output:\n{out}");
+    for needle in [
+        "microhv 0.1.0",
+        "memory: ",
+        "MiB usable",
+        "frames free",
+        "heap 4096 KiB",
+        "timer: TSC",
+        "modules: 3",
+        "dom0.elf name=dom0",
+        "domu.elf name=domu1",
+        "domu.elf name=domu2",
+        "self-check: W^X ok",
+        "self-check: heap ok",
+        "self-check: frames ok",
+        "self-check: timer",
+        "self-check PASSED",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
+}
+
+#[test]
+fn page_fault_in_the_hypervisor_gives_a_crash_report_and_failing_exit() {
+    let r = boot("microhv.fault=pagefault");
+    let out = &r.serial;
+    assert_eq!(r.outcome, Outcome::Crash, "serial output:\n{out}");
+    assert_ne!(r.outcome.exit_code(), 0);
+    for needle in ["microhv CRASH: exception 14 (#PF page fault)", "CR2=0x0000400000000000", "page not present on read", "RIP=0x", "RAX=0x", "R15=0x"] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
+    assert!(!out.contains("self-check PASSED"));
+}
+
+#[test]
+fn text_section_is_not_writable() {
+    let r = boot("microhv.fault=write-text");
+    let out = &r.serial;
+    assert_eq!(r.outcome, Outcome::Crash, "serial output:\n{out}");
+    assert!(out.contains("protection violation on write"), "{out}");
+    assert!(!out.contains("W^X is broken"), "{out}");
+}
+
+#[test]
+fn invalid_opcode_and_panic_are_reported() {
+    let r = boot("microhv.fault=ud");
+    assert_eq!(r.outcome, Outcome::Crash, "{}", r.serial);
+    assert!(r.serial.contains("exception 6 (#UD invalid opcode)"), "{}", r.serial);
+    let r = boot("microhv.fault=panic");
+    assert_eq!(r.outcome, Outcome::Crash, "{}", r.serial);
+    assert!(r.serial.contains("panic: deliberate panic requested"), "{}", r.serial);
+    assert!(r.serial.contains("selfcheck.rs:"), "{}", r.serial);
+}

@@ -1,0 +1,397 @@
+//! xtask as a library: building the bare-metal images, making sure the tools
+//! are installed, and booting QEMU with a timeout and a readable outcome.
+//! The `xtask` binary and the system tests in `tests/` both use it.
+
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub const KERNEL_TARGET: &str = "x86_64-unknown-none";
+
+/// The repository root (xtask lives one level below it).
+pub fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent directory").to_path_buf()
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// Adds the bare-metal target with rustup when it is missing.
+pub fn ensure_target() -> Result<()> {
+    let out = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .current_dir(project_root())
+        .output()
+        .context("running `rustup target list --installed` (is rustup installed?)")?;
+    if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == KERNEL_TARGET) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing the Rust target {KERNEL_TARGET} (rustup target add {KERNEL_TARGET})");
+    let ok = Command::new("rustup")
+        .args(["target", "add", KERNEL_TARGET])
+        .current_dir(project_root())
+        .status()?
+        .success();
+    if !ok {
+        bail!("could not install the target; run: rustup target add {KERNEL_TARGET}");
+    }
+    Ok(())
+}
+
+/// Installs Debian packages when running as root; otherwise says what to run.
+pub fn ensure_packages(commands_and_packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> =
+        commands_and_packages.iter().filter(|(cmd, _)| !have(cmd)).map(|(_, pkg)| *pkg).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list = missing.join(" ");
+    if is_root() && have("apt-get") {
+        eprintln!("xtask: installing Debian packages: {list}");
+        let run = |args: &[&str]| -> Result<bool> {
+            Ok(Command::new("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive").status()?.success())
+        };
+        let mut args = vec!["install", "-y", "--no-install-recommends"];
+        args.extend(missing.iter());
+        if !run(&args)? {
+            // The package lists may be stale on a fresh machine.
+            if !(run(&["update"])? && run(&args)?) {
+                bail!("apt-get could not install: {list}");
+            }
+        }
+        return Ok(());
+    }
+    bail!("missing tools; install them with: sudo apt-get install -y {list}");
+}
+
+pub fn ensure_qemu() -> Result<()> {
+    ensure_packages(&[("qemu-system-x86_64", "qemu-system-x86")])
+}
+
+/// Paths of the bootable images.
+#[derive(Debug, Clone)]
+pub struct Images {
+    pub dir: PathBuf,
+    pub microhv: PathBuf,
+    pub dom0: PathBuf,
+    pub domu: PathBuf,
+}
+
+impl Images {
+    pub fn in_dir(dir: &Path) -> Images {
+        Images {
+            dir: dir.to_path_buf(),
+            microhv: dir.join("microhv.elf"),
+            dom0: dir.join("dom0.elf"),
+            domu: dir.join("domu.elf"),
+        }
+    }
+}
+
+/// Builds microhv, dom0 and domu-kernel for the bare-metal target and copies
+/// them to `target/images/<profile>/`. Uses its own target directory, so it
+/// can run while another cargo holds the main one (as `cargo test` does).
+pub fn build_images(release: bool) -> Result<Images> {
+    ensure_target()?;
+    let root = project_root();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&root).args([
+        "build",
+        "--target",
+        KERNEL_TARGET,
+        "--target-dir",
+        "target/kernel",
+        "-p",
+        "microhv",
+        "-p",
+        "dom0",
+        "-p",
+        "domu-kernel",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    // Host-only settings from the environment must not leak into kernel builds.
+    cmd.env_remove("RUSTFLAGS").env_remove("CARGO_BUILD_TARGET");
+    let status = cmd.status().context("running cargo build for the kernel images")?;
+    if !status.success() {
+        bail!("building the kernel images failed");
+    }
+    let profile = if release { "release" } else { "debug" };
+    let built = root.join("target/kernel").join(KERNEL_TARGET).join(profile);
+    let out = root.join("target/images").join(profile);
+    std::fs::create_dir_all(&out)?;
+    let images = Images::in_dir(&out);
+    for (from, to) in [("microhv", &images.microhv), ("dom0", &images.dom0), ("domu-kernel", &images.domu)] {
+        std::fs::copy(built.join(from), to).with_context(|| format!("copying {from} to {}", to.display()))?;
+    }
+    Ok(images)
+}
+
+/// Images for the system tests: from `MICROHV_IMAGE_DIR` when `cargo xtask
+/// test` built them already, else built once per test process.
+pub fn images_for_tests() -> Images {
+    static IMAGES: OnceLock<Images> = OnceLock::new();
+    IMAGES
+        .get_or_init(|| {
+            if let Ok(dir) = std::env::var("MICROHV_IMAGE_DIR") {
+                let images = Images::in_dir(Path::new(&dir));
+                assert!(images.microhv.exists(), "MICROHV_IMAGE_DIR={dir} has no microhv.elf");
+                return images;
+            }
+            ensure_qemu().expect("QEMU is needed for the system tests");
+            build_images(false).expect("building the images for the system tests")
+        })
+        .clone()
+}
+
+/// Which accelerator QEMU uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Accel {
+    Tcg,
+    Kvm,
+}
+
+impl Accel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Tcg => "TCG",
+            Accel::Kvm => "KVM",
+        }
+    }
+}
+
+/// KVM only where the host has real hardware virtualization; the PVM flavour
+/// of KVM on our build machines is far slower than TCG for these kernels.
+pub fn detect_accel() -> (Accel, &'static str) {
+    let hw = Path::new("/sys/module/kvm_intel").exists() || Path::new("/sys/module/kvm_amd").exists();
+    if hw && Path::new("/dev/kvm").exists() {
+        (Accel::Kvm, "kvm_intel/kvm_amd loaded: hardware virtualization")
+    } else if Path::new("/sys/module/kvm_pvm").exists() {
+        (Accel::Tcg, "this host's KVM is the PVM flavour (no hardware virtualization), slower than TCG")
+    } else {
+        (Accel::Tcg, "no hardware virtualization available")
+    }
+}
+
+/// How a QEMU run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// microhv powered off with the success code.
+    Success,
+    /// microhv powered off reporting a failed check or a badly ended domain.
+    Failure,
+    /// microhv crashed (exception or panic) and said so.
+    Crash,
+    /// QEMU stopped without microhv's exit code (triple fault, reset).
+    Reset,
+    /// No exit within the time limit; QEMU was killed.
+    Timeout,
+    /// QEMU exited with some other status (e.g. it could not start).
+    Other(i32),
+}
+
+impl Outcome {
+    pub fn from_qemu_status(code: Option<i32>) -> Outcome {
+        use shared_abi::exit::*;
+        match code {
+            Some(c) if c == qemu_status(SUCCESS) => Outcome::Success,
+            Some(c) if c == qemu_status(FAILURE) => Outcome::Failure,
+            Some(c) if c == qemu_status(CRASH) => Outcome::Crash,
+            Some(0) => Outcome::Reset,
+            Some(c) => Outcome::Other(c),
+            None => Outcome::Other(-1),
+        }
+    }
+
+    /// The exit code `cargo xtask qemu` returns.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Outcome::Success => 0,
+            Outcome::Failure => 1,
+            Outcome::Crash => 2,
+            Outcome::Reset => 3,
+            Outcome::Timeout => 4,
+            Outcome::Other(_) => 5,
+        }
+    }
+
+    pub fn describe(self) -> String {
+        match self {
+            Outcome::Success => "success: microhv powered off cleanly".into(),
+            Outcome::Failure => "failure: microhv reported a failed check or a badly ended domain".into(),
+            Outcome::Crash => "crash: microhv hit an exception or panic (see the report above)".into(),
+            Outcome::Reset => "reset: the machine stopped without microhv's exit code (triple fault?)".into(),
+            Outcome::Timeout => "timeout: no exit within the time limit".into(),
+            Outcome::Other(c) => format!("QEMU exited with unexpected status {c}"),
+        }
+    }
+}
+
+/// One QEMU boot of microhv.
+#[derive(Debug, Clone)]
+pub struct QemuRun {
+    pub images: Images,
+    pub cmdline: String,
+    /// Module file names (relative to the image directory) with their arguments.
+    pub modules: Vec<String>,
+    pub accel: Accel,
+    pub timeout: Duration,
+    pub memory_mib: u32,
+    /// Echo the serial console to our stdout as it arrives.
+    pub echo: bool,
+    /// `-icount shift=0,sleep=off`: virtual time counts instructions (deterministic).
+    pub icount: bool,
+    pub extra_args: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct RunResult {
+    pub outcome: Outcome,
+    pub serial: String,
+    pub wall: Duration,
+}
+
+impl QemuRun {
+    /// The default machine: microhv with Dom0 and two DomU images as modules.
+    pub fn new(images: &Images) -> QemuRun {
+        QemuRun {
+            images: images.clone(),
+            cmdline: String::new(),
+            modules: vec!["dom0.elf name=dom0".into(), "domu.elf name=domu1".into(), "domu.elf name=domu2".into()],
+            accel: Accel::Tcg,
+            timeout: Duration::from_secs(60),
+            memory_mib: 256,
+            echo: false,
+            icount: false,
+            extra_args: Vec::new(),
+        }
+    }
+
+    pub fn cmdline(mut self, c: &str) -> Self {
+        self.cmdline = c.to_string();
+        self
+    }
+
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.current_dir(&self.images.dir);
+        cmd.args(["-machine", "pc", "-cpu", "qemu64", "-smp", "1"]);
+        cmd.args(["-m", &format!("{}M", self.memory_mib)]);
+        cmd.args(["-accel", if self.accel == Accel::Kvm { "kvm" } else { "tcg" }]);
+        cmd.args(["-display", "none", "-nodefaults", "-no-reboot", "-serial", "stdio", "-monitor", "none"]);
+        cmd.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
+        if self.icount {
+            cmd.args(["-icount", "shift=0,sleep=off"]);
+        }
+        cmd.args(["-kernel", "microhv.elf"]);
+        if !self.modules.is_empty() {
+            cmd.args(["-initrd", &self.modules.join(",")]);
+        }
+        cmd.args(["-append", &self.cmdline]);
+        cmd.args(&self.extra_args);
+        cmd
+    }
+
+    /// Boots and waits for microhv to power off, or for the timeout.
+    pub fn run(&self) -> Result<RunResult> {
+        let mut cmd = self.command();
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let start = Instant::now();
+        let mut child = cmd.spawn().context("starting qemu-system-x86_64")?;
+        let serial = Arc::new(Mutex::new(String::new()));
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let echo = self.echo;
+        let sink = serial.clone();
+        let reader = std::thread::spawn(move || {
+            let mut line = Vec::new();
+            while stdout.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+                let text = String::from_utf8_lossy(&line).replace('\r', "");
+                if echo {
+                    print!("{text}");
+                }
+                sink.lock().unwrap().push_str(&text);
+                line.clear();
+            }
+        });
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let err_reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            s
+        });
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break Some(status);
+            }
+            if start.elapsed() > self.timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let _ = reader.join();
+        let qemu_stderr = err_reader.join().unwrap_or_default();
+        let outcome = match status {
+            None => Outcome::Timeout,
+            Some(s) => Outcome::from_qemu_status(s.code()),
+        };
+        let mut serial = std::mem::take(&mut *serial.lock().unwrap());
+        if !qemu_stderr.trim().is_empty() {
+            serial.push_str("\n[qemu stderr]\n");
+            serial.push_str(&qemu_stderr);
+            if echo {
+                eprint!("{qemu_stderr}");
+            }
+        }
+        Ok(RunResult { outcome, serial, wall: start.elapsed() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_status_maps_to_outcomes_and_exit_codes() {
+        use shared_abi::exit::*;
+        assert_eq!(Outcome::from_qemu_status(Some(qemu_status(SUCCESS))), Outcome::Success);
+        assert_eq!(Outcome::from_qemu_status(Some(33)), Outcome::Success);
+        assert_eq!(Outcome::from_qemu_status(Some(qemu_status(FAILURE))), Outcome::Failure);
+        assert_eq!(Outcome::from_qemu_status(Some(qemu_status(CRASH))), Outcome::Crash);
+        // QEMU exits 0 after a triple fault with -no-reboot: never a success.
+        assert_eq!(Outcome::from_qemu_status(Some(0)), Outcome::Reset);
+        assert_eq!(Outcome::from_qemu_status(None), Outcome::Other(-1));
+        assert_eq!(Outcome::Success.exit_code(), 0);
+        for o in [Outcome::Failure, Outcome::Crash, Outcome::Reset, Outcome::Timeout, Outcome::Other(9)] {
+            assert_ne!(o.exit_code(), 0, "{o:?}");
+        }
+    }
+
+    #[test]
+    fn qemu_command_has_the_debug_exit_device_and_modules() {
+        let images = Images::in_dir(Path::new("/tmp/x"));
+        let cmd = QemuRun::new(&images).cmdline("loglevel=debug").command();
+        let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let joined = args.join(" ");
+        assert!(joined.contains("isa-debug-exit,iobase=0xf4,iosize=4"));
+        assert!(joined.contains("-no-reboot"));
+        assert!(joined.contains("-initrd dom0.elf name=dom0,domu.elf name=domu1,domu.elf name=domu2"));
+        assert!(joined.contains("-append loglevel=debug"));
+    }
+}
