@@ -1,0 +1,358 @@
+//! The hypercall table: one declaration of every hypercall, from which
+//! microhv's argument decoding ([`Call::decode`]), the access rules
+//! ([`TABLE`]), the guest-side stubs (crate `microhv-guest`) and `docs/abi.md`
+//! (`cargo xtask doc-abi`) are all generated.
+//!
+//! Calling convention (PV, ring 1): `int 0x82` with the number in RAX and up
+//! to five arguments in RDI, RSI, RDX, R10, R8. The result comes back in RAX:
+//! a value >= 0 on success, a negative [`Errno`](crate::Errno) on failure.
+//! Every other register is preserved. From ring 3, `int 0x82` raises #GP.
+
+use crate::types::{GuestVa, HypercallArg, Mfn};
+use crate::Errno;
+use core::mem::{offset_of, size_of};
+
+/// Invokes `$m! { ... }` with the whole table, so that other crates can
+/// generate code (such as the guest stubs) from the same single list.
+///
+/// Columns: number, constant, variant, function(arguments), then who may call
+/// it: `PV` / `-` (ring-1 guests), `HVM` / `-` (VMCALL from HVM guests, once
+/// that exists), and `ANY` or `DOM0` (privileged: Dom0 only).
+#[macro_export]
+macro_rules! for_each_hypercall {
+    ($m:ident) => {
+        $m! {
+            /// Query the ABI. `cmd` 0 (`VERSION_ABI`): `major << 16 | minor`.
+            /// `cmd` 1 (`VERSION_FEATURES`): the feature bits (`FEATURE_*`).
+            1 VERSION Version version(cmd: u64) [PV HVM ANY];
+            /// Write `len` bytes at guest address `buf` to the console, with the
+            /// domain's name in front of each line. At most 4096 bytes per call;
+            /// returns the number of bytes written.
+            2 CONSOLE_WRITE ConsoleWrite console_write(buf: GuestVa, len: u64) [PV HVM ANY];
+            /// Give up the CPU to another runnable vCPU.
+            3 SCHED_YIELD SchedYield sched_yield() [PV HVM ANY];
+            /// Sleep until an event is pending for this vCPU (e.g. its timer).
+            /// Returns at once if one is pending already.
+            4 SCHED_BLOCK SchedBlock sched_block() [PV HVM ANY];
+            /// Sleep until system time reaches `deadline_ns` or an event is pending.
+            /// Returns 0 on timeout, 1 when woken by an event.
+            5 SCHED_POLL SchedPoll sched_poll(deadline_ns: u64) [PV HVM ANY];
+            /// End the domain: `reason` 0 (`SHUTDOWN_POWEROFF`) is a clean exit,
+            /// 1 (`SHUTDOWN_CRASH`) a crash. Does not return.
+            6 SCHED_SHUTDOWN SchedShutdown sched_shutdown(reason: u64) [PV HVM ANY];
+            /// Arm the one-shot timer: at system time `deadline_ns` the vCPU gets a
+            /// `VIRQ_TIMER` event (and wakes if blocked). 0 cancels it.
+            7 SET_TIMER SetTimer set_timer(deadline_ns: u64) [PV HVM ANY];
+            /// Balloon up: take up to `count` new frames (within the domain's limit)
+            /// and write their MFNs to the `u64` array at `frames`. Returns how
+            /// many were added; -ENOMEM when the limit is reached.
+            8 MEMORY_POPULATE MemoryPopulate memory_populate(frames: GuestVa, count: u64) [PV - ANY];
+            /// Balloon down: give back the `count` frames whose MFNs are in the
+            /// array at `frames`. Each must be the domain's, unmapped and not a
+            /// page table; otherwise nothing after it is released. Returns how many were released.
+            9 MEMORY_RELEASE MemoryRelease memory_release(frames: GuestVa, count: u64) [PV - ANY];
+            /// Write a `MemoryInfo` about the calling domain to `info`.
+            10 MEMORY_QUERY MemoryQuery memory_query(info: GuestVa) [PV HVM ANY];
+            /// Apply `count` `MmuUpdate` requests from the array at `reqs`: each
+            /// writes one entry of one of the domain's page tables after
+            /// validation. The number applied goes to `*done` (if not 0).
+            11 MMU_UPDATE MmuUpdate mmu_update(reqs: GuestVa, count: u64, done: GuestVa) [PV - ANY];
+            /// Validate the frame `mfn` as a page table of `level` (1..=4) and pin
+            /// it: it stays a read-only page table until unpinned.
+            12 PIN_TABLE PinTable pin_table(mfn: Mfn, level: u64) [PV - ANY];
+            /// Unpin a table pinned with `pin_table`.
+            13 UNPIN_TABLE UnpinTable unpin_table(mfn: Mfn) [PV - ANY];
+            /// Switch this vCPU to the pinned top-level table `mfn` (the guest's CR3).
+            14 SET_PT_BASE SetPtBase set_pt_base(mfn: Mfn) [PV - ANY];
+            /// Flush the TLB entry for `va`, or the whole TLB when `va` is `u64::MAX`.
+            15 INVLPG Invlpg invlpg(va: GuestVa) [PV - ANY];
+            /// Register the guest's exception handlers: `count` `TrapInfo`
+            /// entries at `table`. Exceptions without a handler end the domain.
+            16 SET_TRAP_TABLE SetTrapTable set_trap_table(table: GuestVa, count: u64) [PV - ANY];
+            /// Register the event upcall handler (0 unregisters).
+            17 SET_CALLBACK SetCallback set_callback(handler: GuestVa) [PV - ANY];
+            /// Return from an exception or upcall handler: pops an `IretFrame`
+            /// from the guest stack. Does not return to the caller.
+            18 IRET Iret iret() [PV - ANY];
+            /// Set the ring-1 stack used when ring-3 code traps to the guest kernel.
+            19 STACK_SWITCH StackSwitch stack_switch(rsp: GuestVa) [PV - ANY];
+            /// Bind virtual IRQ `virq` (`VIRQ_TIMER`, ...) to a new event-channel
+            /// port of this vCPU and return the port.
+            20 EVTCHN_BIND_VIRQ EvtchnBindVirq evtchn_bind_virq(virq: u64) [PV HVM ANY];
+            /// Privileged: write up to `max` `DomainInfo` records to `out`; returns
+            /// the number of domains.
+            32 DOMCTL_LIST DomctlList domctl_list(out: GuestVa, max: u64) [PV - DOM0];
+        }
+    };
+}
+
+/// Who may make a hypercall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Access {
+    /// Reachable from PV guests (ring 1, `int 0x82`).
+    pub pv: bool,
+    /// Reachable from HVM guests (`vmcall`).
+    pub hvm: bool,
+    /// Dom0 only; others get -EPERM.
+    pub privileged: bool,
+}
+
+/// One row of the table.
+#[derive(Debug)]
+pub struct Desc {
+    pub number: u64,
+    pub name: &'static str,
+    pub args: &'static [(&'static str, &'static str)],
+    pub doc: &'static [&'static str],
+    pub access: Access,
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __hc_flag {
+    (PV) => { true };
+    (HVM) => { true };
+    (DOM0) => { true };
+    (ANY) => { false };
+    (-) => { false };
+}
+
+macro_rules! define_hypercalls {
+    ($( $(#[doc = $doc:literal])* $num:literal $konst:ident $variant:ident $func:ident ( $($arg:ident : $ty:ty),* ) [$pv:tt $hvm:tt $who:tt] ; )*) => {
+        /// Hypercall numbers.
+        pub mod nr {
+            $(pub const $konst: u64 = $num;)*
+        }
+
+        /// A decoded hypercall with typed arguments.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Call {
+            $($(#[doc = $doc])* $variant { $($arg: $ty),* },)*
+        }
+
+        impl Call {
+            /// Decodes a hypercall number and its argument registers. Unknown
+            /// numbers are -ENOSYS; arguments that do not fit their type -EINVAL.
+            pub fn decode(number: u64, args: [u64; 5]) -> Result<Call, Errno> {
+                #[allow(unused_variables, unused_mut)]
+                let mut regs = args.into_iter();
+                match number {
+                    $($num => Ok(Call::$variant {
+                        $($arg: <$ty as HypercallArg>::from_raw(regs.next().unwrap_or(0))?,)*
+                    }),)*
+                    _ => Err(Errno::ENOSYS),
+                }
+            }
+
+            /// The hypercall's number.
+            pub fn number(&self) -> u64 {
+                match self { $(Call::$variant { .. } => $num,)* }
+            }
+
+            /// Number and argument registers, as a guest stub would load them.
+            pub fn encode(&self) -> (u64, [u64; 5]) {
+                match *self {
+                    $(Call::$variant { $($arg),* } => {
+                        #[allow(unused_mut)]
+                        let mut regs = [0u64; 5];
+                        #[allow(unused_mut, unused_variables, unused_assignments)]
+                        let mut i = 0;
+                        $( #[allow(unused_assignments)] { regs[i] = HypercallArg::to_raw($arg); i += 1; } )*
+                        ($num, regs)
+                    })*
+                }
+            }
+        }
+
+        /// Every hypercall, in number order.
+        pub const TABLE: &[Desc] = &[
+            $(Desc {
+                number: $num,
+                name: stringify!($func),
+                args: &[$((stringify!($arg), stringify!($ty))),*],
+                doc: &[$($doc),*],
+                access: Access {
+                    pv: $crate::__hc_flag!($pv),
+                    hvm: $crate::__hc_flag!($hvm),
+                    privileged: $crate::__hc_flag!($who),
+                },
+            },)*
+        ];
+    };
+}
+
+for_each_hypercall!(define_hypercalls);
+
+/// The table row for `number`, if it exists.
+pub fn describe(number: u64) -> Option<&'static Desc> {
+    TABLE.iter().find(|d| d.number == number)
+}
+
+/// The kind of guest making a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestKind {
+    Pv,
+    Hvm,
+}
+
+/// Applies the table's access rules: -ENOSYS for unknown numbers and for
+/// calls this guest kind cannot reach, -EPERM for privileged calls from DomUs.
+pub fn check_access(number: u64, kind: GuestKind, privileged: bool) -> Result<&'static Desc, Errno> {
+    let d = describe(number).ok_or(Errno::ENOSYS)?;
+    let reachable = match kind {
+        GuestKind::Pv => d.access.pv,
+        GuestKind::Hvm => d.access.hvm,
+    };
+    if !reachable {
+        return Err(Errno::ENOSYS);
+    }
+    if d.access.privileged && !privileged {
+        return Err(Errno::EPERM);
+    }
+    Ok(d)
+}
+
+/// `version` commands.
+pub const VERSION_ABI: u64 = 0;
+pub const VERSION_FEATURES: u64 = 1;
+/// Feature bits returned by `version(VERSION_FEATURES)`.
+pub const FEATURE_PV_MMU: u64 = 1 << 0;
+pub const FEATURE_ONESHOT_TIMER: u64 = 1 << 1;
+pub const FEATURE_BALLOON: u64 = 1 << 2;
+pub const FEATURE_TRAP_BOUNCE: u64 = 1 << 3;
+
+/// `sched_shutdown` reasons.
+pub const SHUTDOWN_POWEROFF: u64 = 0;
+pub const SHUTDOWN_CRASH: u64 = 1;
+
+/// Virtual IRQs for `evtchn_bind_virq`.
+pub const VIRQ_TIMER: u64 = 0;
+pub const VIRQ_COUNT: u64 = 1;
+
+/// Most bytes one `console_write` takes.
+pub const CONSOLE_WRITE_MAX: u64 = 4096;
+/// Most entries one `mmu_update`, `memory_populate` or `memory_release` takes.
+pub const BATCH_MAX: u64 = 512;
+
+/// One request of `mmu_update`: write `val` to the page-table entry at
+/// machine address `ptr` (the table's MFN * 4096 + index * 8).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MmuUpdate {
+    pub ptr: u64,
+    pub val: u64,
+}
+
+const _: () = assert!(size_of::<MmuUpdate>() == 16);
+
+/// One exception handler for `set_trap_table`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TrapInfo {
+    /// Exception vector, 0..=31.
+    pub vector: u8,
+    pub _pad: [u8; 7],
+    /// Handler address (ring 1). It is entered with an `IretFrame`-shaped
+    /// frame on its stack, plus the error code on top for vectors that have one.
+    pub handler: u64,
+}
+
+const _: () = {
+    assert!(size_of::<TrapInfo>() == 16);
+    assert!(offset_of!(TrapInfo, handler) == 8);
+};
+
+/// What a guest handler finds on its stack (lowest address first) and what
+/// `iret` pops. Before `iret`, the handler pushes the RAX it wants restored
+/// (the frame then starts with `rax`) and drops any error code.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IretFrame {
+    pub rax: u64,
+    pub rip: u64,
+    pub cs: u64,
+    /// Bit 9 (IF) holds the virtual interrupt flag: set = events were enabled
+    /// (`evtchn_upcall_mask` clear) in the interrupted context.
+    pub rflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+}
+
+const _: () = assert!(size_of::<IretFrame>() == 48);
+
+/// `memory_query` result.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryInfo {
+    pub nr_pages: u64,
+    pub max_pages: u64,
+}
+
+const _: () = assert!(size_of::<MemoryInfo>() == 16);
+
+/// Domain states in `DomainInfo::state`.
+pub const DOMSTATE_RUNNING: u8 = 0;
+pub const DOMSTATE_BLOCKED: u8 = 1;
+pub const DOMSTATE_DEAD: u8 = 2;
+
+/// `domctl_list` record.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DomainInfo {
+    pub domid: u16,
+    pub state: u8,
+    /// Bit 0: privileged.
+    pub flags: u8,
+    pub _pad: u32,
+    pub nr_pages: u64,
+    pub max_pages: u64,
+    pub cpu_time_ns: u64,
+    pub name: [u8; 32],
+}
+
+const _: () = {
+    assert!(size_of::<DomainInfo>() == 64);
+    assert!(offset_of!(DomainInfo, nr_pages) == 8);
+    assert!(offset_of!(DomainInfo, name) == 32);
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_unique_and_sorted() {
+        for w in TABLE.windows(2) {
+            assert!(w[0].number < w[1].number, "{} and {}", w[0].name, w[1].name);
+        }
+        assert!(describe(0).is_none());
+    }
+
+    #[test]
+    fn decode_and_encode_round_trip() {
+        let c = Call::decode(nr::CONSOLE_WRITE, [0x1000, 5, 9, 9, 9]).unwrap();
+        assert_eq!(c, Call::ConsoleWrite { buf: GuestVa(0x1000), len: 5 });
+        assert_eq!(c.encode(), (nr::CONSOLE_WRITE, [0x1000, 5, 0, 0, 0]));
+        assert_eq!(c.number(), 2);
+        let p = Call::decode(nr::PIN_TABLE, [42, 4, 0, 0, 0]).unwrap();
+        assert_eq!(p, Call::PinTable { mfn: Mfn(42), level: 4 });
+    }
+
+    #[test]
+    fn unknown_numbers_are_enosys_never_success() {
+        for n in [0, 21, 31, 33, 1000, u64::MAX] {
+            assert_eq!(Call::decode(n, [0; 5]), Err(Errno::ENOSYS), "number {n}");
+            assert_eq!(check_access(n, GuestKind::Pv, true).err(), Some(Errno::ENOSYS));
+        }
+    }
+
+    #[test]
+    fn access_rules_follow_the_table() {
+        assert_eq!(check_access(nr::DOMCTL_LIST, GuestKind::Pv, false).err(), Some(Errno::EPERM));
+        assert!(check_access(nr::DOMCTL_LIST, GuestKind::Pv, true).is_ok());
+        assert_eq!(check_access(nr::MMU_UPDATE, GuestKind::Hvm, true).err(), Some(Errno::ENOSYS));
+        assert!(check_access(nr::CONSOLE_WRITE, GuestKind::Hvm, false).is_ok());
+        // Every row is reachable by someone.
+        assert!(TABLE.iter().all(|d| d.access.pv || d.access.hvm));
+    }
+}
