@@ -6,6 +6,7 @@
 
 pub mod cmdline;
 pub mod frame;
+pub mod machine;
 pub mod memmap;
 pub mod multiboot;
 pub mod paging;
