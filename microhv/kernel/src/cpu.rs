@@ -45,11 +45,20 @@ pub struct Tss {
 const TSS_IOMAP_OFFSET: u16 = 104;
 const _: () = assert!(core::mem::offset_of!(Tss, io_bitmap) == TSS_IOMAP_OFFSET as usize);
 
-#[repr(C, align(16))]
+#[repr(C, align(4096))]
 struct Stack([u8; IST_STACK_SIZE]);
 
+/// The entry stack: TSS.RSP0. It holds only the trap frame of the vCPU being
+/// entered or left (the handlers run on microhv's private stack).
+const ENTRY_STACK_SIZE: usize = 4096;
+
+#[link_section = ".entry_stack"]
+static mut ENTRY_STACK: [u8; ENTRY_STACK_SIZE] = [0; ENTRY_STACK_SIZE];
+
+#[link_section = ".entry_stack"]
 static mut IST_STACKS: [Stack; 3] = [const { Stack([0; IST_STACK_SIZE]) }; 3];
 
+#[link_section = ".entry_data"]
 static mut TSS: Tss = Tss {
     _reserved0: 0,
     rsp: [0; 3],
@@ -64,6 +73,7 @@ static mut TSS: Tss = Tss {
 
 /// Segment descriptors with the accessed bit preset, so the CPU never needs
 /// to write to the GDT (it can then be mapped read-only).
+#[link_section = ".entry_data"]
 static mut GDT: [u64; 9] = [
     0,
     0x00AF_9B00_0000_FFFF, // 0x08 code, DPL 0, long mode
@@ -88,6 +98,7 @@ struct IdtEntry {
     _reserved: u32,
 }
 
+#[link_section = ".entry_data"]
 static mut IDT: [IdtEntry; 256] = [IdtEntry {
     offset_low: 0,
     selector: 0,
@@ -112,26 +123,47 @@ fn tss_descriptor(base: u64, limit: u32) -> (u64, u64) {
     (low, base >> 32)
 }
 
-/// Loads the GDT, TSS and IDT. Called once, early, with interrupts off.
-pub fn init() {
-    let stubs = crate::trap::stub_base();
-    // SAFETY: single-threaded early boot with interrupts disabled; nothing else
+/// Alias address of the top of the entry stack (TSS.RSP0), where a trap
+/// frame from a guest lands.
+pub fn entry_stack_top_alias() -> u64 {
+    crate::trap::alias_of(addr_of!(ENTRY_STACK) as u64 + ENTRY_STACK_SIZE as u64)
+}
+
+/// Address (alias) of the trap frame a guest entry leaves on the entry stack.
+pub fn guest_frame_alias() -> u64 {
+    entry_stack_top_alias() - size_of::<crate::trap::TrapFrame>() as u64
+}
+
+/// Loads the GDT, TSS and IDT. Early in boot (`use_alias` false) they are
+/// used at their identity addresses, so that crashes are reported; once
+/// `mm::init` has mapped the entry area, they are reloaded at their alias
+/// addresses, which every guest address space maps too.
+pub fn init(use_alias: bool) {
+    fn identity(a: u64) -> u64 {
+        a
+    }
+    let alias: fn(u64) -> u64 = if use_alias { crate::trap::alias_of } else { identity };
+    let stubs = alias(crate::trap::stub_identity());
+    // SAFETY: single-threaded boot with interrupts disabled; nothing else
     // references these statics yet, and the tables outlive the CPU's use of them.
     unsafe {
         let tss = &mut *core::ptr::addr_of_mut!(TSS);
         let stacks = &*addr_of!(IST_STACKS);
         for (slot, stack) in [IST_NMI, IST_DOUBLE_FAULT, IST_MACHINE_CHECK].iter().zip(stacks.iter()) {
-            tss.ist[*slot as usize - 1] = stack.0.as_ptr() as u64 + IST_STACK_SIZE as u64;
+            tss.ist[*slot as usize - 1] = alias(stack.0.as_ptr() as u64 + IST_STACK_SIZE as u64);
         }
-        // Until there are guests, ring-3/ring-1 entries never happen; RSP0 is set
-        // per vCPU when guests run. Point it at the boot stack meanwhile.
-        tss.rsp[0] = addr_of!(crate::boot_stack_top) as u64;
+        tss.rsp[0] = alias(addr_of!(ENTRY_STACK) as u64 + ENTRY_STACK_SIZE as u64);
 
         let gdt = &mut *core::ptr::addr_of_mut!(GDT);
-        let (lo, hi) = tss_descriptor(addr_of!(TSS) as u64, size_of::<Tss>() as u32 - 1);
+        let (lo, hi) = tss_descriptor(alias(addr_of!(TSS) as u64), size_of::<Tss>() as u32 - 1);
         gdt[7] = lo;
         gdt[8] = hi;
-        let gdtr = DescriptorPointer { limit: (size_of::<[u64; 9]>() - 1) as u16, base: gdt.as_ptr() as u64 };
+        // LTR writes the busy bit into the GDT, so load TR while the GDTR points
+        // at the writable identity mapping; then switch the GDTR to the
+        // read-only alias that guests can see.
+        let limit = (size_of::<[u64; 9]>() - 1) as u16;
+        let gdtr = DescriptorPointer { limit, base: gdt.as_ptr() as u64 };
+        let gdtr_alias = DescriptorPointer { limit, base: alias(gdt.as_ptr() as u64) };
         asm!(
             "lgdt [{gdtr}]",
             "push {cs}",
@@ -143,7 +175,9 @@ pub fn init() {
             "mov es, {ds:x}",
             "mov ss, {ds:x}",
             "ltr {tss:x}",
+            "lgdt [{gdtr_alias}]",
             gdtr = in(reg) &gdtr,
+            gdtr_alias = in(reg) &gdtr_alias,
             cs = in(reg) HV_CS as u64,
             ds = in(reg) HV_DS as u64,
             tss = in(reg) TSS_SEL as u64,
@@ -159,17 +193,19 @@ pub fn init() {
                 18 => IST_MACHINE_CHECK,
                 _ => 0,
             };
+            // The hypercall gate has DPL 1: ring 1 may `int 0x82`, ring 3 gets #GP.
+            let dpl = if vector == shared_abi::HYPERCALL_VECTOR as usize { 1 } else { 0 };
             *e = IdtEntry {
                 offset_low: handler as u16,
                 selector: HV_CS,
                 ist,
-                type_attr: 0x8E, // present, DPL 0, 64-bit interrupt gate
+                type_attr: 0x8E | (dpl << 5), // present, 64-bit interrupt gate
                 offset_mid: (handler >> 16) as u16,
                 offset_high: (handler >> 32) as u32,
                 _reserved: 0,
             };
         }
-        let idtr = DescriptorPointer { limit: (size_of::<[IdtEntry; 256]>() - 1) as u16, base: idt.as_ptr() as u64 };
+        let idtr = DescriptorPointer { limit: (size_of::<[IdtEntry; 256]>() - 1) as u16, base: alias(idt.as_ptr() as u64) };
         asm!("lidt [{}]", in(reg) &idtr);
     }
 }

@@ -79,7 +79,7 @@ mod start {
         println!(" microhv {} - a small Xen-style paravirtualizing hypervisor, x86_64", env!("CARGO_PKG_VERSION"));
         println!(" ABI version {}.{}", shared_abi::ABI_VERSION.0, shared_abi::ABI_VERSION.1);
         println!("=====================================================================");
-        cpu::init();
+        cpu::init(false);
 
         let info = match BootInfo::read(&IdentityMem, magic, mbi as u64) {
             Ok(i) => i,
@@ -124,6 +124,10 @@ mod start {
             Ok(s) => s,
             Err(e) => fail(&alloc_free_fmt(format_args!("page tables: {e:?}"))),
         };
+        cpu::init(true);
+        // SAFETY: only the address of the boot stack is taken; after boot it
+        // becomes microhv's private stack for trap handling.
+        crate::trap::set_hypervisor_context(summary.cr3, core::ptr::addr_of!(crate::boot_stack_top) as u64);
         apic::init(apic_phys as usize);
         let cal = apic::calibrate();
         time::set_tsc_hz(cal.tsc_hz);

@@ -19,6 +19,10 @@ extern "C" {
     static __image_start: u8;
     static __text_end: u8;
     static __rodata_end: u8;
+    static __entry_start: u8;
+    static __entry_text_end: u8;
+    static __entry_data_end: u8;
+    static __entry_end: u8;
     static __image_end: u8;
 }
 
@@ -38,22 +42,28 @@ pub struct ImageLayout {
     pub image: Range,
     pub text: Range,
     pub rodata: Range,
+    /// The entry area: text, data (IDT/GDT/TSS/entry variables), stacks.
+    pub entry_text: Range,
+    pub entry_data: Range,
+    pub entry_stack: Range,
     pub data: Range,
 }
 
 pub fn image_layout() -> ImageLayout {
     // Linker-script symbols: only their addresses are used.
-    let (start, text_end, ro_end, end) = (
-        addr_of!(__image_start) as u64,
-        addr_of!(__text_end) as u64,
-        addr_of!(__rodata_end) as u64,
-        addr_of!(__image_end) as u64,
-    );
+    let a = |p: *const u8| p as u64;
+    let (start, text_end, ro_end, end) =
+        (a(addr_of!(__image_start)), a(addr_of!(__text_end)), a(addr_of!(__rodata_end)), a(addr_of!(__image_end)));
+    let (e0, e1, e2, e3) =
+        (a(addr_of!(__entry_start)), a(addr_of!(__entry_text_end)), a(addr_of!(__entry_data_end)), a(addr_of!(__entry_end)));
     ImageLayout {
         image: Range::new(start, end),
         text: Range::new(start, text_end),
         rodata: Range::new(text_end, ro_end),
-        data: Range::new(ro_end, end),
+        entry_text: Range::new(e0, e1),
+        entry_data: Range::new(e1, e2),
+        entry_stack: Range::new(e2, e3),
+        data: Range::new(e3, end),
     }
 }
 
@@ -85,6 +95,9 @@ pub struct MemorySummary {
     pub ignored: u64,
     pub heap: Range,
     pub cr3: u64,
+    /// PML4 entry 511 of microhv's tables: the entry-area alias, which every
+    /// guest L4 gets in the same slot.
+    pub hv_l4_entry: u64,
 }
 
 /// Everything that must never be handed out: image, modules, low 1 MiB.
@@ -124,7 +137,18 @@ pub fn init(map: &MemoryMap, modules: &RangeSet<16>, apic_base: u64) -> Result<M
     // The image, per section.
     pt.map_range(layout.text.start, layout.text.start, layout.text.len(), PteFlags::empty())?;
     pt.map_range(layout.rodata.start, layout.rodata.start, layout.rodata.len(), PteFlags::NO_EXECUTE)?;
+    pt.map_range(layout.entry_text.start, layout.entry_text.start, layout.entry_text.len(), PteFlags::empty())?;
+    pt.map_range(layout.entry_data.start, layout.entry_data.start, layout.entry_data.len(), rw)?;
+    pt.map_range(layout.entry_stack.start, layout.entry_stack.start, layout.entry_stack.len(), rw)?;
     pt.map_range(layout.data.start, layout.data.start, layout.data.len(), rw)?;
+    // The entry-area alias in the last PML4 slot, shared with every guest:
+    // text RX, data read-only, stacks RW.
+    let alias = crate::trap::alias_of;
+    pt.map_range(alias(layout.entry_text.start), layout.entry_text.start, layout.entry_text.len(), PteFlags::empty())?;
+    pt.map_range(alias(layout.entry_data.start), layout.entry_data.start, layout.entry_data.len(), PteFlags::NO_EXECUTE)?;
+    pt.map_range(alias(layout.entry_stack.start), layout.entry_stack.start, layout.entry_stack.len(), rw)?;
+    let root = pt.root();
+    let hv_l4_entry = pt.memory().table(root)[511];
     // Local APIC registers, uncached.
     pt.map_4k(apic_base, apic_base, rw | PteFlags::NO_CACHE | PteFlags::WRITE_THROUGH)?;
 
@@ -158,6 +182,7 @@ pub fn init(map: &MemoryMap, modules: &RangeSet<16>, apic_base: u64) -> Result<M
         ignored: a.ignored_bytes(),
         heap: Range::new(heap_start, heap_start + HEAP_SIZE),
         cr3,
+        hv_l4_entry,
     })
 }
 
