@@ -1,5 +1,62 @@
-//! domu-core: the host-testable logic of the demo PV guest (frontends, demo
-//! work). Foundation stage: nothing runs in DomUs yet; microhv only lists
-//! their images as boot modules.
+//! domu-core: the host-testable logic of the demo PV guest.
+//!
+//! The bare-metal binary (`domu-kernel/kernel`) does the hypercalls; the
+//! arithmetic and checks it reports live here so `cargo test` covers them.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
+
+/// Signed error of a measured duration against the asked one, in tenths of a percent.
+pub fn error_permille(asked_ns: u64, measured_ns: u64) -> i64 {
+    if asked_ns == 0 {
+        return 0;
+    }
+    ((measured_ns as i128 - asked_ns as i128) * 1000 / asked_ns as i128) as i64
+}
+
+/// True when `measured` is within `tolerance_percent` of `asked`.
+pub fn within(asked_ns: u64, measured_ns: u64, tolerance_percent: u64) -> bool {
+    error_permille(asked_ns, measured_ns).unsigned_abs() <= tolerance_percent * 10
+}
+
+/// The word written at `index` of a ballooned page: depends on the domain
+/// name, so two domains never write the same pattern.
+pub fn pattern(name: &str, page: u64, index: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^ (page << 32) ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// Formats nanoseconds as "12.345 ms" parts: (whole ms, thousandths).
+pub fn ms_parts(ns: u64) -> (u64, u64) {
+    (ns / 1_000_000, (ns / 1000) % 1000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_and_tolerance() {
+        assert_eq!(error_permille(100, 110), 100);
+        assert_eq!(error_permille(100, 95), -50);
+        assert!(within(50_000_000, 54_000_000, 10));
+        assert!(!within(50_000_000, 56_000_000, 10));
+        assert!(!within(50_000_000, 40_000_000, 10));
+        assert_eq!(error_permille(0, 5), 0);
+    }
+
+    #[test]
+    fn patterns_differ_by_name_page_and_index() {
+        assert_ne!(pattern("domu1", 0, 0), pattern("domu2", 0, 0));
+        assert_ne!(pattern("domu1", 0, 0), pattern("domu1", 1, 0));
+        assert_ne!(pattern("domu1", 0, 0), pattern("domu1", 0, 1));
+        assert_eq!(pattern("x", 3, 4), pattern("x", 3, 4));
+    }
+
+    #[test]
+    fn ms_formatting() {
+        assert_eq!(ms_parts(12_345_678), (12, 345));
+    }
+}

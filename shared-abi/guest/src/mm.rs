@@ -1,0 +1,97 @@
+//! Memory helpers for PV guests: the frame list (p2m), walking our own
+//! (read-only) page tables, and changing mappings through `mmu_update`.
+
+use shared_abi::hypercall::MmuUpdate;
+use shared_abi::{Errno, GuestVa};
+
+pub const PAGE: u64 = 4096;
+pub const PTE_PRESENT: u64 = 1 << 0;
+pub const PTE_RW: u64 = 1 << 1;
+pub const PTE_USER: u64 = 1 << 2;
+pub const PTE_NX: u64 = 1 << 63;
+pub const PTE_ADDR: u64 = 0x000F_FFFF_FFFF_F000;
+
+/// The pfn -> mfn list of the initial memory.
+pub fn p2m() -> &'static [u64] {
+    let si = crate::start_info();
+    // SAFETY: microhv maps the p2m list (nr_pages u64s) read-write for us at p2m_va.
+    unsafe { core::slice::from_raw_parts(si.p2m_va as *const u64, si.nr_pages as usize) }
+}
+
+/// Virtual address at which the initial mapping shows machine frame `mfn`.
+pub fn mfn_to_va(mfn: u64) -> Option<u64> {
+    let si = crate::start_info();
+    p2m().iter().position(|&m| m == mfn).map(|pfn| si.virt_base + pfn as u64 * PAGE)
+}
+
+fn read_entry(table_mfn: u64, index: u64) -> Option<u64> {
+    let va = mfn_to_va(table_mfn)?;
+    // SAFETY: page tables are mapped read-only in the initial mapping; reading is allowed.
+    Some(unsafe { core::ptr::read_volatile((va + index * 8) as *const u64) })
+}
+
+/// Machine address of the L1 entry that maps `va` (for `mmu_update`), or of
+/// the deepest present entry on the way if `level_reached` is wanted.
+pub fn l1_entry_maddr(va: u64) -> Option<u64> {
+    let mut table = crate::start_info().pt_base_mfn;
+    for level in (2..=4).rev() {
+        let idx = (va >> (12 + 9 * (level - 1))) & 0x1ff;
+        let e = read_entry(table, idx)?;
+        if e & PTE_PRESENT == 0 {
+            return None;
+        }
+        table = (e & PTE_ADDR) >> 12;
+    }
+    Some((table << 12) + ((va >> 12) & 0x1ff) * 8)
+}
+
+/// Applies page-table updates; returns how many were applied before an error.
+pub fn mmu_update(reqs: &[MmuUpdate]) -> Result<(), (usize, Errno)> {
+    let mut done: u64 = 0;
+    // SAFETY: `reqs` is valid for reading, `done` for writing.
+    let r = unsafe {
+        crate::hypercall::mmu_update(
+            GuestVa(reqs.as_ptr() as u64),
+            reqs.len() as u64,
+            GuestVa(&mut done as *mut u64 as u64),
+        )
+    };
+    r.map(|_| ()).map_err(|e| (done as usize, e))
+}
+
+/// Maps machine frame `mfn` at `va` (whose L1 table must exist).
+pub fn map(va: u64, mfn: u64, writable: bool) -> Result<(), Errno> {
+    let ptr = l1_entry_maddr(va).ok_or(Errno::ENOENT)?;
+    let val = (mfn << 12) | PTE_PRESENT | PTE_NX | if writable { PTE_RW } else { 0 };
+    mmu_update(&[MmuUpdate { ptr, val }]).map_err(|(_, e)| e)?;
+    invlpg(va);
+    Ok(())
+}
+
+/// Removes the mapping at `va`.
+pub fn unmap(va: u64) -> Result<(), Errno> {
+    let ptr = l1_entry_maddr(va).ok_or(Errno::ENOENT)?;
+    mmu_update(&[MmuUpdate { ptr, val: 0 }]).map_err(|(_, e)| e)?;
+    invlpg(va);
+    Ok(())
+}
+
+pub fn invlpg(va: u64) {
+    // SAFETY: no memory is accessed through the argument.
+    let _ = unsafe { crate::hypercall::invlpg(GuestVa(va)) };
+}
+
+/// The machine frame currently mapped at `va`, from our page tables.
+pub fn translate(va: u64) -> Option<u64> {
+    let ptr = l1_entry_maddr(va)?;
+    let e = read_entry(ptr >> 12, (ptr & 0xfff) / 8)?;
+    (e & PTE_PRESENT != 0).then_some((e & PTE_ADDR) >> 12)
+}
+
+/// Current and maximum pages of this domain.
+pub fn memory_query() -> Result<shared_abi::hypercall::MemoryInfo, Errno> {
+    let mut info = shared_abi::hypercall::MemoryInfo::default();
+    // SAFETY: `info` is valid for writing.
+    unsafe { crate::hypercall::memory_query(GuestVa(&mut info as *mut _ as u64)) }?;
+    Ok(info)
+}
