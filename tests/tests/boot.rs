@@ -18,7 +18,7 @@ fn normal_boot_passes_its_self_check_and_powers_off() {
         "memory: ",
         "MiB usable",
         "frames free",
-        "heap 4096 KiB",
+        "heap 16384 KiB",
         "timer: TSC",
         "modules: 3",
         "dom0.elf name=dom0",

@@ -2,6 +2,8 @@
 //! are installed, and booting QEMU with a timeout and a readable outcome.
 //! The `xtask` binary and the system tests in `tests/` both use it.
 
+pub mod abidoc;
+
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};

@@ -4,7 +4,7 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use std::process::Command;
 use std::time::Duration;
-use xtask::{build_images, detect_accel, ensure_qemu, project_root, Accel, QemuRun};
+use xtask::{abidoc, build_images, detect_accel, ensure_qemu, project_root, Accel, QemuRun};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Build, boot and test microhv")]
@@ -39,6 +39,12 @@ enum Cmd {
     },
     /// Run every test: host unit tests and the QEMU system tests.
     Test,
+    /// Generate docs/abi.md from shared-abi.
+    DocAbi {
+        /// Only check that docs/abi.md is up to date; exit non-zero if not.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 fn main() {
@@ -77,7 +83,19 @@ fn run(cli: Cli) -> Result<i32> {
             println!("xtask: {} ({:.1} s, accelerator {})", result.outcome.describe(), result.wall.as_secs_f64(), accel.name());
             Ok(result.outcome.exit_code())
         }
+        Cmd::DocAbi { check } => {
+            if check {
+                abidoc::check()?;
+                println!("xtask: docs/abi.md is up to date");
+            } else if abidoc::write()? {
+                println!("xtask: wrote {}", abidoc::path().display());
+            } else {
+                println!("xtask: {} is already up to date", abidoc::path().display());
+            }
+            Ok(0)
+        }
         Cmd::Test => {
+            abidoc::check()?;
             ensure_qemu()?;
             let images = build_images(false)?;
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

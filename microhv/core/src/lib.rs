@@ -4,13 +4,18 @@
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
+extern crate alloc;
+
+pub mod builder;
 pub mod cmdline;
 pub mod frame;
 pub mod machine;
 pub mod memmap;
 pub mod multiboot;
 pub mod paging;
+pub mod pvmm;
 pub mod range;
+pub mod sched;
 
 /// Size of a base page / machine frame.
 pub const PAGE_SIZE: u64 = 4096;

@@ -120,6 +120,15 @@ pub fn start_periodic(hz: u64) {
     write(REG_TIMER_INIT, period);
 }
 
+/// Arms a one-shot timer interrupt `delta_ns` from now (clamped to what the
+/// 32-bit counter holds).
+pub fn arm_oneshot(delta_ns: u64) {
+    let hz = APIC_TIMER_HZ.load(Ordering::Relaxed) as u128;
+    let count = ((delta_ns as u128 * hz) / 1_000_000_000).clamp(1, u32::MAX as u128) as u32;
+    write(REG_LVT_TIMER, TIMER_VECTOR as u32);
+    write(REG_TIMER_INIT, count);
+}
+
 pub fn stop_timer() {
     write(REG_LVT_TIMER, LVT_MASKED | TIMER_VECTOR as u32);
     write(REG_TIMER_INIT, 0);

@@ -129,6 +129,12 @@ pub fn entry_stack_top_alias() -> u64 {
     crate::trap::alias_of(addr_of!(ENTRY_STACK) as u64 + ENTRY_STACK_SIZE as u64)
 }
 
+/// Identity address of the same trap-frame slot (for writing it before the
+/// first entry into a guest).
+pub fn guest_frame_identity() -> u64 {
+    addr_of!(ENTRY_STACK) as u64 + ENTRY_STACK_SIZE as u64 - size_of::<crate::trap::TrapFrame>() as u64
+}
+
 /// Address (alias) of the trap frame a guest entry leaves on the entry stack.
 pub fn guest_frame_alias() -> u64 {
     entry_stack_top_alias() - size_of::<crate::trap::TrapFrame>() as u64

@@ -21,6 +21,10 @@ mod cpu;
 #[cfg(target_os = "none")]
 mod crash;
 #[cfg(target_os = "none")]
+mod domain;
+#[cfg(target_os = "none")]
+mod hypercall;
+#[cfg(target_os = "none")]
 mod mm;
 #[cfg(target_os = "none")]
 mod power;
@@ -155,16 +159,25 @@ mod start {
             selfcheck::deliberate_fault(kind);
         }
 
-        match selfcheck::run(&summary, &modules) {
-            Ok(()) => {
-                println!("microhv: self-check PASSED; no domains yet, powering off");
-                power::off(exit::SUCCESS)
-            }
-            Err(e) => {
-                println!("microhv: self-check FAILED: {e}");
-                power::off(exit::FAILURE)
-            }
+        if let Err(e) = selfcheck::run(&summary, &modules) {
+            println!("microhv: self-check FAILED: {e}");
+            power::off(exit::FAILURE)
         }
+        if info.module_count == 0 {
+            println!("microhv: self-check PASSED; no modules, so no domains; powering off");
+            power::off(exit::SUCCESS)
+        }
+        println!("microhv: self-check PASSED; starting {} domains", info.module_count);
+        let mods: alloc::vec::Vec<(&'static [u8], alloc::string::String)> = info
+            .modules()
+            .map(|m| {
+                // SAFETY: module ranges are mapped read-only-for-us RAM that the
+                // frame allocator never hands out; they live as long as microhv.
+                let bytes = unsafe { core::slice::from_raw_parts(m.range.start as *const u8, m.range.len() as usize) };
+                (bytes, alloc::string::String::from(m.name.as_str()))
+            })
+            .collect();
+        crate::domain::start(&mods, summary.hv_l4_entry)
     }
 
     /// Formats into a fixed buffer (used before the heap exists).

@@ -35,7 +35,7 @@ pub static FRAMES: Mutex<Option<FrameAllocator<'static>>> = Mutex::new(None);
 #[global_allocator]
 static HEAP: LockedHeap = LockedHeap::empty();
 
-pub const HEAP_SIZE: u64 = 4 << 20;
+pub const HEAP_SIZE: u64 = 16 << 20;
 
 /// Sections of the hypervisor image.
 pub struct ImageLayout {
@@ -215,4 +215,44 @@ pub fn free_frame(mfn: Mfn) -> Result<(), microhv_core::frame::FreeError> {
 
 pub fn free_frames() -> u64 {
     FRAMES.lock().as_ref().map_or(0, |a| a.free_frames())
+}
+
+/// Machine memory through microhv's identity mapping of RAM.
+pub struct Identity;
+
+fn frame_ptr(mfn: microhv_core::machine::Mfn) -> *mut u8 {
+    let fa = FRAMES.lock();
+    let managed = fa.as_ref().map(|a| a.managed().contains(mfn.0 << 12)).unwrap_or(false);
+    // Only RAM that the allocator manages (and hence the identity map covers)
+    // is ever touched; anything else is a bug in the caller.
+    assert!(managed, "machine access to unmanaged frame {:#x}", mfn.0);
+    (mfn.0 << 12) as *mut u8
+}
+
+impl microhv_core::machine::MachineMemory for Identity {
+    fn read_u64(&self, mfn: microhv_core::machine::Mfn, index: usize) -> u64 {
+        assert!(index < 512);
+        // SAFETY: managed RAM frame, identity-mapped; aligned 8-byte read.
+        unsafe { (frame_ptr(mfn) as *const u64).add(index).read_volatile() }
+    }
+    fn write_u64(&mut self, mfn: microhv_core::machine::Mfn, index: usize, val: u64) {
+        assert!(index < 512);
+        // SAFETY: as above; one aligned 8-byte store (atomic for the CPU's walker).
+        unsafe { (frame_ptr(mfn) as *mut u64).add(index).write_volatile(val) }
+    }
+    fn read_bytes(&self, mfn: microhv_core::machine::Mfn, offset: usize, buf: &mut [u8]) {
+        assert!(offset + buf.len() <= 4096);
+        // SAFETY: bounds checked above; managed, identity-mapped RAM.
+        unsafe { core::ptr::copy_nonoverlapping(frame_ptr(mfn).add(offset), buf.as_mut_ptr(), buf.len()) }
+    }
+    fn write_bytes(&mut self, mfn: microhv_core::machine::Mfn, offset: usize, data: &[u8]) {
+        assert!(offset + data.len() <= 4096);
+        // SAFETY: as in read_bytes.
+        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), frame_ptr(mfn).add(offset), data.len()) }
+    }
+}
+
+/// Frames the allocator can describe (for sizing the frame table).
+pub fn frame_limit() -> u64 {
+    FRAMES.lock().as_ref().map_or(0, |a| a.managed().iter().map(|r| r.end).max().unwrap_or(0) / PAGE_SIZE)
 }

@@ -39,3 +39,8 @@ pub fn nanos_since_boot() -> u64 {
 pub fn micros_since_boot() -> u64 {
     nanos_since_boot() / 1000
 }
+
+/// The TSC value at which system time is 0.
+pub fn boot_tsc() -> u64 {
+    TSC_AT_BOOT.load(Ordering::Relaxed)
+}

@@ -245,6 +245,11 @@ pub const EXCEPTION_NAMES: [&str; 32] = [
 
 #[no_mangle]
 extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
+    if frame.cs & 3 != 0 {
+        // From a PV guest (ring 1 or 3).
+        crate::domain::guest_entry(frame);
+        return;
+    }
     match frame.vector {
         0..=31 => crate::crash::exception(frame),
         v if v == crate::apic::TIMER_VECTOR as u64 => crate::apic::on_timer_tick(),

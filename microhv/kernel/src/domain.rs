@@ -1,0 +1,638 @@
+//! PV domains on the machine: building them from boot modules, entering and
+//! leaving them, delivering exceptions and events, scheduling, and ending
+//! them. The policy pieces (frame rules, builder, scheduler) are the
+//! host-tested ones in `microhv-core`; this file wires them to the CPU.
+
+use crate::mm::{self, Identity};
+use crate::trap::TrapFrame;
+use crate::{apic, cpu, power, println, time, trap};
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use microhv_core::builder::{self, DomainConfig};
+use microhv_core::cmdline::Cmdline;
+use microhv_core::machine::MachineMemory;
+use microhv_core::pvmm::FrameTable;
+use microhv_core::sched::{Decision, Scheduler, VcpuId, DEFAULT_WEIGHT};
+use shared_abi::hypercall::{DomainInfo, DOMSTATE_BLOCKED, DOMSTATE_DEAD, DOMSTATE_RUNNING, VIRQ_COUNT};
+use shared_abi::shared_info::{tsc_scale, SharedInfo, VcpuInfo};
+use shared_abi::{DomId, Errno, Mfn};
+use spin::Mutex;
+
+/// Why a domain ended.
+#[derive(Debug, Clone)]
+pub enum EndReason {
+    /// `sched_shutdown(SHUTDOWN_POWEROFF)`: a clean exit.
+    Poweroff,
+    /// `sched_shutdown(SHUTDOWN_CRASH)` or another reason number.
+    CrashRequested(u64),
+    /// microhv ended it (unhandled fault, bad state).
+    Killed(String),
+}
+
+impl EndReason {
+    pub fn clean(&self) -> bool {
+        matches!(self, EndReason::Poweroff)
+    }
+    pub fn describe(&self) -> String {
+        match self {
+            EndReason::Poweroff => "poweroff".into(),
+            EndReason::CrashRequested(r) => alloc::format!("crash (requested, reason {r})"),
+            EndReason::Killed(why) => alloc::format!("killed: {why}"),
+        }
+    }
+}
+
+/// One virtual CPU (one per domain in ABI v1).
+pub struct Vcpu {
+    /// Saved registers while not running; the live frame while running.
+    pub regs: TrapFrame,
+    /// The guest's current top-level page table.
+    pub cr3: Mfn,
+    /// Ring-1 stack for traps from ring 3 (`stack_switch`).
+    pub kernel_sp: u64,
+    /// Exception handlers by vector (0 = none).
+    pub traps: [u64; 32],
+    /// Event upcall handler (0 = none).
+    pub callback: u64,
+    /// One-shot timer deadline (system time, ns).
+    pub timer_deadline: Option<u64>,
+    /// In `sched_poll`: its RAX becomes 1 if an event wakes it.
+    pub polling: bool,
+}
+
+pub struct Domain {
+    pub id: DomId,
+    pub name: String,
+    pub privileged: bool,
+    pub vcpu: Vcpu,
+    pub nr_pages: u64,
+    pub max_pages: u64,
+    pub shared_info: Mfn,
+    pub ended: Option<EndReason>,
+    /// VIRQ -> bound port.
+    pub virq_ports: [u32; VIRQ_COUNT as usize],
+    pub next_port: u32,
+    pub console_line: Vec<u8>,
+    pub cpu_ns: u64,
+}
+
+pub struct Hv {
+    pub domains: Vec<Domain>,
+    pub frames: FrameTable,
+    pub sched: Scheduler,
+    /// Index of the domain whose vCPU is on the CPU.
+    pub current: Option<usize>,
+    pub slice_end: u64,
+    pub ran_since: u64,
+}
+
+pub static HV: Mutex<Option<Hv>> = Mutex::new(None);
+
+/// Byte offset of vCPU 0's `vcpu_info` fields inside shared_info.
+const VCPU0: usize = core::mem::offset_of!(SharedInfo, vcpu_info);
+const OFF_PENDING: usize = VCPU0 + core::mem::offset_of!(VcpuInfo, evtchn_upcall_pending);
+const OFF_MASK: usize = VCPU0 + core::mem::offset_of!(VcpuInfo, evtchn_upcall_mask);
+const OFF_SEL: usize = VCPU0 + core::mem::offset_of!(VcpuInfo, evtchn_pending_sel);
+const OFF_CR2: usize = VCPU0 + core::mem::offset_of!(VcpuInfo, cr2);
+const OFF_TIME: usize = VCPU0 + core::mem::offset_of!(VcpuInfo, time);
+const OFF_EVT_PENDING: usize = core::mem::offset_of!(SharedInfo, evtchn_pending);
+const OFF_EVT_MASK: usize = core::mem::offset_of!(SharedInfo, evtchn_mask);
+
+fn si_u8(mfn: Mfn, off: usize) -> u8 {
+    let mut b = [0u8];
+    Identity.read_bytes(mfn, off, &mut b);
+    b[0]
+}
+
+fn si_set_u8(mfn: Mfn, off: usize, v: u8) {
+    Identity.write_bytes(mfn, off, &[v]);
+}
+
+fn si_u64(mfn: Mfn, off: usize) -> u64 {
+    Identity.read_u64(mfn, off / 8)
+}
+
+fn si_set_u64(mfn: Mfn, off: usize, v: u64) {
+    Identity.write_u64(mfn, off / 8, v);
+}
+
+impl Domain {
+    pub fn upcall_mask(&self) -> bool {
+        si_u8(self.shared_info, OFF_MASK) != 0
+    }
+    pub fn set_upcall_mask(&self, masked: bool) {
+        si_set_u8(self.shared_info, OFF_MASK, masked as u8);
+    }
+    pub fn upcall_pending(&self) -> bool {
+        si_u8(self.shared_info, OFF_PENDING) != 0
+    }
+    /// Events are pending and unmasked: an upcall is due.
+    pub fn events_need_delivery(&self) -> bool {
+        self.upcall_pending() && !self.upcall_mask()
+    }
+    pub fn set_cr2(&self, cr2: u64) {
+        si_set_u64(self.shared_info, OFF_CR2, cr2);
+    }
+
+    /// Marks `port` pending; returns true when that makes an upcall due.
+    pub fn raise_port(&self, port: u32) -> bool {
+        let w = port as usize / 64;
+        let bit = 1u64 << (port % 64);
+        let p_off = OFF_EVT_PENDING + w * 8;
+        let pending = si_u64(self.shared_info, p_off);
+        si_set_u64(self.shared_info, p_off, pending | bit);
+        if si_u64(self.shared_info, OFF_EVT_MASK + w * 8) & bit != 0 {
+            return false;
+        }
+        let sel = si_u64(self.shared_info, OFF_SEL);
+        si_set_u64(self.shared_info, OFF_SEL, sel | (1 << w));
+        si_set_u8(self.shared_info, OFF_PENDING, 1);
+        true
+    }
+
+    fn write_time_record(&self) {
+        let (mul, shift) = tsc_scale(time::tsc_hz());
+        let mut rec = [0u8; 32];
+        rec[0..4].copy_from_slice(&2u32.to_le_bytes());
+        rec[8..16].copy_from_slice(&time::boot_tsc().to_le_bytes());
+        rec[16..24].copy_from_slice(&0u64.to_le_bytes());
+        rec[24..28].copy_from_slice(&mul.to_le_bytes());
+        rec[28] = shift as u8;
+        Identity.write_bytes(self.shared_info, OFF_TIME, &rec);
+    }
+
+    pub fn info(&self, sched: &Scheduler, idx: usize) -> DomainInfo {
+        let state = match (&self.ended, sched.state(VcpuId(idx))) {
+            (Some(_), _) => DOMSTATE_DEAD,
+            (None, Some(microhv_core::sched::RunState::Blocked { .. })) => DOMSTATE_BLOCKED,
+            _ => DOMSTATE_RUNNING,
+        };
+        let mut name = [0u8; 32];
+        let n = self.name.len().min(31);
+        name[..n].copy_from_slice(&self.name.as_bytes()[..n]);
+        DomainInfo {
+            domid: self.id.0,
+            state,
+            flags: self.privileged as u8,
+            _pad: 0,
+            nr_pages: self.nr_pages,
+            max_pages: self.max_pages,
+            cpu_time_ns: self.cpu_ns,
+            name,
+        }
+    }
+}
+
+/// Parses sizes like `16M`, `512K`, `4096` (bytes) into pages.
+fn parse_pages(s: &str) -> Option<u64> {
+    let (num, mult) = match s.as_bytes().last()? {
+        b'M' | b'm' => (&s[..s.len() - 1], 1 << 20),
+        b'K' | b'k' => (&s[..s.len() - 1], 1 << 10),
+        b'G' | b'g' => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mult).map(|b| b / 4096)
+}
+
+/// Builds one PV domain from a boot module. On failure nothing is left behind.
+fn create(hv: &mut Hv, id: DomId, file: &[u8], args: &str, privileged: bool) -> Result<usize, String> {
+    let c = Cmdline(args);
+    let name = c.get("name").unwrap_or(if privileged { "dom0" } else { "domu" }).to_string();
+    let nr_pages = c.get("mem").and_then(parse_pages).unwrap_or(if privileged { 4096 } else { 2048 });
+    let max_pages = c.get("max").and_then(parse_pages).unwrap_or(nr_pages + 16).max(nr_pages);
+    let weight = c.get("weight").and_then(|w| w.parse::<u16>().ok()).unwrap_or(DEFAULT_WEIGHT);
+    let image = builder::parse_pv_image(file).map_err(|e| alloc::format!("{name}: {e}"))?;
+
+    let mut frames: Vec<Mfn> = Vec::with_capacity(nr_pages as usize);
+    let undo = |hv: &mut Hv, frames: &[Mfn]| {
+        for &f in frames {
+            let _ = hv.frames.release(f, id);
+            let _ = mm::free_frame(microhv_core::frame::Mfn(f.0));
+        }
+    };
+    for _ in 0..nr_pages {
+        match mm::alloc_frame() {
+            Some(f) => {
+                let mfn = Mfn(f.0);
+                if hv.frames.assign(mfn, id).is_err() {
+                    let _ = mm::free_frame(f);
+                    undo(hv, &frames);
+                    return Err(alloc::format!("{name}: frame {:#x} not assignable", f.0));
+                }
+                frames.push(mfn);
+            }
+            None => {
+                undo(hv, &frames);
+                return Err(alloc::format!("{name}: out of memory for {nr_pages} pages"));
+            }
+        }
+    }
+    let cfg = DomainConfig { domid: id, name: &name, cmdline: args, privileged, max_pages };
+    let built = match builder::build(&mut Identity, &image, file, &frames, &cfg) {
+        Ok(b) => b,
+        Err(e) => {
+            undo(hv, &frames);
+            return Err(alloc::format!("{name}: {e}"));
+        }
+    };
+    if let Err(e) = hv.frames.pin(&mut Identity, id, built.l4, 4) {
+        hv.frames.teardown(&mut Identity, id);
+        for &f in &frames {
+            let _ = mm::free_frame(microhv_core::frame::Mfn(f.0));
+        }
+        return Err(alloc::format!("{name}: the built page tables did not validate: {e:?}"));
+    }
+    if let Err(e) = hv.frames.get_base(id, built.l4) {
+        hv.frames.teardown(&mut Identity, id);
+        for &f in &frames {
+            let _ = mm::free_frame(microhv_core::frame::Mfn(f.0));
+        }
+        return Err(alloc::format!("{name}: could not load the top-level table: {e:?}"));
+    }
+    hv.frames.set_special(built.shared_info_mfn, true);
+    let regs = TrapFrame {
+        rip: built.entry,
+        cs: cpu::GUEST_KERNEL_CS as u64,
+        rflags: 0x202,
+        rsp: built.stack_top,
+        ss: cpu::GUEST_KERNEL_DS as u64,
+        rsi: built.start_info_va,
+        ..TrapFrame::default()
+    };
+    let dom = Domain {
+        id,
+        name,
+        privileged,
+        vcpu: Vcpu {
+            regs,
+            cr3: built.l4,
+            kernel_sp: 0,
+            traps: [0; 32],
+            callback: 0,
+            timer_deadline: None,
+            polling: false,
+        },
+        nr_pages,
+        max_pages,
+        shared_info: built.shared_info_mfn,
+        ended: None,
+        virq_ports: [0; VIRQ_COUNT as usize],
+        next_port: 1,
+        console_line: Vec::new(),
+        cpu_ns: 0,
+    };
+    // Events start masked until the guest is ready for upcalls.
+    dom.set_upcall_mask(true);
+    for w in 0..shared_abi::shared_info::EVTCHN_PORTS / 64 {
+        si_set_u64(dom.shared_info, OFF_EVT_MASK + w * 8, u64::MAX);
+    }
+    dom.write_time_record();
+    log::info!(
+        "domain {} '{}': {} pages ({} KiB, limit {} KiB), entry {:#x}, weight {weight}{}",
+        id.0, dom.name, nr_pages, nr_pages * 4, max_pages * 4, built.entry,
+        if privileged { ", privileged" } else { "" }
+    );
+    let idx = hv.domains.len();
+    hv.domains.push(dom);
+    hv.sched.add(VcpuId(idx), weight);
+    Ok(idx)
+}
+
+/// Builds Dom0 (the first module) and the DomUs, then enters the first domain.
+pub fn start(modules: &[(&'static [u8], String)], hv_l4_entry: u64) -> ! {
+    let mut hv = Hv {
+        domains: Vec::new(),
+        frames: FrameTable::new(mm::frame_limit(), hv_l4_entry),
+        sched: Scheduler::new(),
+        current: None,
+        slice_end: 0,
+        ran_since: 0,
+    };
+    let mut failed = 0;
+    for (i, (file, args)) in modules.iter().enumerate() {
+        let id = DomId(i as u16);
+        if !builder::has_pv_note(file) {
+            log::error!("module {i} ({args}): not a PV image (no microhv ELF note); HVM guests are not supported yet");
+            failed += 1;
+            continue;
+        }
+        if let Err(e) = create(&mut hv, id, file, args, i == 0) {
+            log::error!("module {i}: could not build the domain: {e}");
+            failed += 1;
+        }
+    }
+    if hv.domains.is_empty() {
+        println!("microhv: no domain could be started ({failed} failed); powering off");
+        power::off(shared_abi::exit::FAILURE);
+    }
+    log::info!("free memory after building {} domains: {} MiB", hv.domains.len(), mm::free_frames() / 256);
+    *HV.lock() = Some(hv);
+    // Enter the first runnable vCPU through the normal exit path.
+    let frame_alias = cpu::guest_frame_alias();
+    // SAFETY: the guest frame slot on the entry stack is ours until the first
+    // entry; it is written here through its identity address.
+    let frame = unsafe { &mut *(cpu::guest_frame_identity() as *mut TrapFrame) };
+    schedule(frame, true);
+    trap::enter_guest(frame_alias)
+}
+
+/// Handles an entry from a guest: the frame holds its registers.
+pub fn guest_entry(frame: &mut TrapFrame) {
+    let now = time::nanos_since_boot();
+    let mut force = false;
+    {
+        let mut g = HV.lock();
+        let hv = g.as_mut().expect("guest entry before domains exist");
+        let cur = hv.current.expect("guest entry with no current vCPU");
+        hv.domains[cur].vcpu.regs = *frame;
+        let vector = frame.vector;
+        match vector {
+            v if v == shared_abi::HYPERCALL_VECTOR as u64 => {
+                force = crate::hypercall::handle(hv, cur);
+            }
+            v if v == apic::TIMER_VECTOR as u64 => {
+                apic::eoi();
+                force = now >= hv.slice_end;
+            }
+            0..=31 => {
+                if matches!(vector, 2 | 8 | 18) {
+                    crate::crash::exception(frame);
+                }
+                force = guest_exception(hv, cur, frame);
+            }
+            v if v == apic::SPURIOUS_VECTOR as u64 => {}
+            _ => apic::eoi(),
+        }
+    }
+    schedule(frame, force);
+}
+
+/// A CPU exception raised by guest code: bounce it to the guest's handler,
+/// or end the domain. Returns true when the domain ended.
+fn guest_exception(hv: &mut Hv, cur: usize, frame: &TrapFrame) -> bool {
+    let v = frame.vector as usize;
+    let cr2 = x86_64::registers::control::Cr2::read_raw();
+    let name = crate::trap::EXCEPTION_NAMES[v];
+    let d = &hv.domains[cur];
+    let handler = d.vcpu.traps[v];
+    let what = if v == 14 {
+        alloc::format!("{name} at rip {:#x} (ring {}), cr2 {cr2:#x}, error {:#x}", frame.rip, frame.cs & 3, frame.error_code)
+    } else {
+        alloc::format!("{name} at rip {:#x} (ring {}), error {:#x}", frame.rip, frame.cs & 3, frame.error_code)
+    };
+    if handler == 0 {
+        kill(hv, cur, alloc::format!("unhandled {what}"));
+        return true;
+    }
+    if v == 14 {
+        d.set_cr2(cr2);
+    }
+    let has_err = matches!(v, 8 | 10..=14 | 17 | 21 | 29 | 30);
+    log::debug!("{}: bouncing {what} to handler {handler:#x}", d.name);
+    if let Err(e) = bounce(hv, cur, handler, has_err.then_some(frame.error_code)) {
+        kill(hv, cur, alloc::format!("{what}, and its handler could not be entered: {e}"));
+        return true;
+    }
+    false
+}
+
+/// Pushes a hardware-like frame (error code, RIP, CS, RFLAGS, RSP, SS) on
+/// the guest's ring-1 stack and continues at `handler` with events masked.
+pub fn bounce(hv: &mut Hv, cur: usize, handler: u64, err: Option<u64>) -> Result<(), Errno> {
+    let d = &hv.domains[cur];
+    let r = d.vcpu.regs;
+    let from_user = r.cs & 3 == 3;
+    let sp = if from_user { d.vcpu.kernel_sp } else { r.rsp };
+    if sp == 0 {
+        return Err(Errno::EFAULT);
+    }
+    let virt_if = if d.upcall_mask() { 0 } else { 0x200 };
+    let mut words = [0u64; 6];
+    let mut n = 0;
+    if let Some(e) = err {
+        words[0] = e;
+        n = 1;
+    }
+    for w in [r.rip, r.cs, (r.rflags & !0x200) | virt_if, r.rsp, r.ss] {
+        words[n] = w;
+        n += 1;
+    }
+    let new_sp = (sp & !15).checked_sub(8 * n as u64).ok_or(Errno::EFAULT)?;
+    let mut bytes = [0u8; 48];
+    for (i, w) in words[..n].iter().enumerate() {
+        bytes[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+    }
+    hv.frames.copy_to_guest(&mut Identity, d.id, d.vcpu.cr3, new_sp, &bytes[..8 * n])?;
+    d.set_upcall_mask(true);
+    let regs = &mut hv.domains[cur].vcpu.regs;
+    regs.rip = handler;
+    regs.cs = cpu::GUEST_KERNEL_CS as u64;
+    regs.ss = cpu::GUEST_KERNEL_DS as u64;
+    regs.rsp = new_sp;
+    regs.rflags = 0x202;
+    Ok(())
+}
+
+/// Raises VIRQ `virq` for a domain: marks its port pending and wakes it.
+pub fn send_virq(hv: &mut Hv, idx: usize, virq: u64) {
+    let d = &mut hv.domains[idx];
+    let port = d.virq_ports.get(virq as usize).copied().unwrap_or(0);
+    let due = port != 0 && d.raise_port(port);
+    if due || port == 0 {
+        // Without a bound port the timer still wakes a blocked vCPU.
+        if d.vcpu.polling && due {
+            d.vcpu.regs.rax = 1;
+        }
+        hv.sched.wake(VcpuId(idx));
+    }
+}
+
+/// Ends a domain: logs why, gives back all its memory, and takes it off the CPU.
+pub fn kill(hv: &mut Hv, idx: usize, why: String) {
+    end(hv, idx, EndReason::Killed(why));
+}
+
+pub fn end(hv: &mut Hv, idx: usize, reason: EndReason) {
+    if hv.domains[idx].ended.is_some() {
+        return;
+    }
+    flush_console(&mut hv.domains[idx]);
+    let id = hv.domains[idx].id;
+    let freed = hv.frames.teardown(&mut Identity, id);
+    let n = freed.len();
+    for f in freed {
+        if let Err(e) = mm::free_frame(microhv_core::frame::Mfn(f.0)) {
+            log::error!("domain {}: frame {:#x} could not be freed: {e:?}", id.0, f.0);
+        }
+    }
+    let d = &mut hv.domains[idx];
+    d.nr_pages = 0;
+    let msg = reason.describe();
+    if reason.clean() {
+        log::info!("domain {} '{}' ended: {msg}; {n} frames returned", id.0, d.name);
+    } else {
+        log::warn!("domain {} '{}' ended: {msg}; {n} frames returned", id.0, d.name);
+    }
+    d.ended = Some(reason);
+    hv.sched.remove(VcpuId(idx));
+}
+
+pub fn flush_console(d: &mut Domain) {
+    if !d.console_line.is_empty() {
+        let line = core::mem::take(&mut d.console_line);
+        println!("[{}] {}", d.name, String::from_utf8_lossy(&line));
+    }
+}
+
+/// Appends guest console bytes; complete lines are printed with the domain's name.
+pub fn console_write(d: &mut Domain, bytes: &[u8]) {
+    for &b in bytes {
+        match b {
+            b'\n' => {
+                let line = core::mem::take(&mut d.console_line);
+                println!("[{}] {}", d.name, String::from_utf8_lossy(&line));
+            }
+            b'\r' => {}
+            // Control characters other than tab are shown as '?'.
+            b if b < 0x20 && b != b'\t' => d.console_line.push(b'?'),
+            b => d.console_line.push(b),
+        }
+        if d.console_line.len() >= 200 {
+            flush_console(d);
+        }
+    }
+}
+
+/// Fires expired one-shot timers.
+fn fire_timers(hv: &mut Hv, now: u64) {
+    for i in 0..hv.domains.len() {
+        let d = &mut hv.domains[i];
+        if d.ended.is_some() {
+            continue;
+        }
+        if let Some(t) = d.vcpu.timer_deadline {
+            if t <= now {
+                d.vcpu.timer_deadline = None;
+                log::debug!("timer of {} fired {} us late", d.name, (now - t) / 1000);
+                send_virq(hv, i, shared_abi::hypercall::VIRQ_TIMER);
+            }
+        }
+    }
+}
+
+fn earliest_timer(hv: &Hv) -> Option<u64> {
+    hv.domains.iter().filter(|d| d.ended.is_none()).filter_map(|d| d.vcpu.timer_deadline).min()
+}
+
+/// Picks what runs next and loads it into `frame`; idles (halting) while
+/// nothing is runnable; powers off when every domain has ended.
+pub fn schedule(frame: &mut TrapFrame, force: bool) {
+    loop {
+        let mut g = HV.lock();
+        let hv = g.as_mut().expect("domains exist");
+        let now = time::nanos_since_boot();
+        // A vCPU woken by its timer preempts the running one (it goes to the
+        // back of the queue), so timer latency is not a whole time slice.
+        let runnable_before = hv.sched.runnable_count();
+        fire_timers(hv, now);
+        hv.sched.wake_expired(now);
+        let woke = hv.sched.runnable_count() > runnable_before;
+        let cur = hv.current;
+        // Charge the time the current vCPU ran.
+        if let Some(c) = cur {
+            let ran = now.saturating_sub(hv.ran_since);
+            hv.domains[c].cpu_ns += ran;
+            hv.sched.account(VcpuId(c), ran);
+            hv.ran_since = now;
+        }
+        let keep = cur.filter(|&c| {
+            !force
+                && !woke
+                && now < hv.slice_end
+                && matches!(hv.sched.state(VcpuId(c)), Some(microhv_core::sched::RunState::Runnable))
+        });
+        let next = match keep {
+            Some(c) => Some(c),
+            None => match hv.sched.pick_next(now, cur.map(VcpuId)) {
+                Decision::Run { vcpu, slice_ns } => {
+                    hv.slice_end = now + slice_ns;
+                    Some(vcpu.0)
+                }
+                Decision::Idle { until } => {
+                    if hv.domains.iter().all(|d| d.ended.is_some()) {
+                        drop(g);
+                        finish();
+                    }
+                    let until = match (until, earliest_timer(hv)) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    let Some(until) = until else {
+                        log::error!("every live domain is blocked with nothing that could wake it; ending them");
+                        for i in 0..hv.domains.len() {
+                            if hv.domains[i].ended.is_none() {
+                                kill(hv, i, "blocked forever (no timer, no event source)".into());
+                            }
+                        }
+                        continue;
+                    };
+                    hv.current = None;
+                    drop(g);
+                    apic::arm_oneshot(until.saturating_sub(now).max(1000));
+                    // Idle: wait for the timer with interrupts on, then look again.
+                    x86_64::instructions::interrupts::enable_and_hlt();
+                    x86_64::instructions::interrupts::disable();
+                    continue;
+                }
+            },
+        };
+        let Some(n) = next else { continue };
+        // (The current vCPU's registers were saved at entry, and hypercalls
+        // update the saved copy, so nothing needs saving here.)
+        if hv.current != Some(n) {
+            hv.current = Some(n);
+            hv.ran_since = now;
+        }
+        // Deliver a due event upcall before returning to the guest.
+        let d = &hv.domains[n];
+        if d.vcpu.callback != 0 && d.events_need_delivery() {
+            let cb = d.vcpu.callback;
+            if let Err(e) = bounce(hv, n, cb, None) {
+                kill(hv, n, alloc::format!("event upcall could not be delivered: {e}"));
+                continue;
+            }
+        }
+        let d = &hv.domains[n];
+        *frame = d.vcpu.regs;
+        trap::set_next_cr3(d.vcpu.cr3.addr());
+        let deadline = match earliest_timer(hv) {
+            Some(t) => t.min(hv.slice_end),
+            None => hv.slice_end,
+        };
+        apic::arm_oneshot(deadline.saturating_sub(now).max(1000));
+        return;
+    }
+}
+
+/// Every domain has ended: print the summary and power off.
+fn finish() -> ! {
+    let g = HV.lock();
+    let hv = g.as_ref().expect("domains exist");
+    let mut clean = true;
+    let mut parts = String::new();
+    for d in &hv.domains {
+        let r = d.ended.as_ref().map(|r| r.describe()).unwrap_or_else(|| "running".into());
+        clean &= d.ended.as_ref().is_some_and(|r| r.clean());
+        if !parts.is_empty() {
+            parts.push_str(", ");
+        }
+        parts.push_str(&alloc::format!("{} {}", d.name, r));
+    }
+    println!(
+        "microhv: summary: {} domains ran: {parts}; {} MiB free; exit {}",
+        hv.domains.len(),
+        mm::free_frames() / 256,
+        if clean { "success" } else { "failure" }
+    );
+    power::off(if clean { shared_abi::exit::SUCCESS } else { shared_abi::exit::FAILURE })
+}

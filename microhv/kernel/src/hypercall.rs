@@ -1,0 +1,363 @@
+//! Hypercall dispatch: decode with the shared-abi table, apply its access
+//! rules, run the handler. Every guest pointer goes through the frame
+//! table's translate-and-copy helpers; bad arguments return a negative
+//! errno, never a panic.
+
+use crate::domain::{self, EndReason, Hv};
+use crate::mm::{self, Identity};
+use crate::{cpu, time};
+use alloc::vec;
+use microhv_core::sched::VcpuId;
+use shared_abi::hypercall::*;
+use shared_abi::types::{GuestVa, Mfn};
+use shared_abi::{Errno, HYPERVISOR_VA_START};
+
+/// What the dispatcher must do after a handler.
+enum Outcome {
+    /// Return the value (or error) in RAX and continue the guest.
+    Ret(Result<u64, Errno>),
+    /// The handler set the registers itself (iret).
+    Resumed,
+    /// Give up the CPU (yield, block, shutdown).
+    Reschedule(Result<u64, Errno>),
+}
+
+/// Handles the hypercall in the current vCPU's saved registers. Returns true
+/// when the scheduler must pick again.
+pub fn handle(hv: &mut Hv, cur: usize) -> bool {
+    let r = hv.domains[cur].vcpu.regs;
+    let nr = r.rax;
+    let privileged = hv.domains[cur].privileged;
+    let out = match check_access(nr, GuestKind::Pv, privileged) {
+        Err(e) => Outcome::Ret(Err(e)),
+        Ok(_) => match Call::decode(nr, [r.rdi, r.rsi, r.rdx, r.r10, r.r8]) {
+            Err(e) => Outcome::Ret(Err(e)),
+            Ok(call) => dispatch(hv, cur, call),
+        },
+    };
+    if let Outcome::Ret(Err(e)) | Outcome::Reschedule(Err(e)) = out {
+        log::debug!("{}: hypercall {} ({}) -> {e:?}", hv.domains[cur].name, nr, describe(nr).map_or("?", |d| d.name));
+    }
+    let regs = &mut hv.domains[cur].vcpu.regs;
+    match out {
+        Outcome::Ret(v) => {
+            regs.rax = Errno::encode(v) as u64;
+            false
+        }
+        Outcome::Resumed => false,
+        Outcome::Reschedule(v) => {
+            regs.rax = Errno::encode(v) as u64;
+            true
+        }
+    }
+}
+
+fn guest_va(va: GuestVa, len: u64) -> Result<u64, Errno> {
+    let end = va.0.checked_add(len).ok_or(Errno::EFAULT)?;
+    if end > HYPERVISOR_VA_START || va.0 >= HYPERVISOR_VA_START {
+        return Err(Errno::EFAULT);
+    }
+    Ok(va.0)
+}
+
+fn read_guest(hv: &Hv, cur: usize, va: GuestVa, buf: &mut [u8]) -> Result<(), Errno> {
+    let d = &hv.domains[cur];
+    let at = guest_va(va, buf.len() as u64)?;
+    hv.frames.copy_from_guest(&Identity, d.id, d.vcpu.cr3, at, buf)
+}
+
+fn write_guest(hv: &mut Hv, cur: usize, va: GuestVa, data: &[u8]) -> Result<(), Errno> {
+    let (id, cr3) = (hv.domains[cur].id, hv.domains[cur].vcpu.cr3);
+    let at = guest_va(va, data.len() as u64)?;
+    hv.frames.copy_to_guest(&mut Identity, id, cr3, at, data)
+}
+
+fn read_u64s(hv: &Hv, cur: usize, va: GuestVa, count: u64) -> Result<alloc::vec::Vec<u64>, Errno> {
+    let mut bytes = vec![0u8; count as usize * 8];
+    read_guest(hv, cur, va, &mut bytes)?;
+    Ok(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect())
+}
+
+fn dispatch(hv: &mut Hv, cur: usize, call: Call) -> Outcome {
+    use Outcome::*;
+    match call {
+        Call::Version { cmd } => Ret(match cmd {
+            VERSION_ABI => Ok(shared_abi::abi_version_packed()),
+            VERSION_FEATURES => Ok(FEATURE_PV_MMU | FEATURE_ONESHOT_TIMER | FEATURE_BALLOON | FEATURE_TRAP_BOUNCE),
+            _ => Err(Errno::EINVAL),
+        }),
+        Call::ConsoleWrite { buf, len } => {
+            if len > CONSOLE_WRITE_MAX {
+                return Ret(Err(Errno::EINVAL));
+            }
+            let mut bytes = vec![0u8; len as usize];
+            if let Err(e) = read_guest(hv, cur, buf, &mut bytes) {
+                return Ret(Err(e));
+            }
+            domain::console_write(&mut hv.domains[cur], &bytes);
+            Ret(Ok(len))
+        }
+        Call::SchedYield {} => Reschedule(Ok(0)),
+        Call::SchedBlock {} => {
+            let d = &mut hv.domains[cur];
+            if d.events_need_delivery() {
+                return Ret(Ok(0));
+            }
+            d.vcpu.polling = false;
+            let wake = d.vcpu.timer_deadline;
+            hv.sched.block(VcpuId(cur), wake);
+            Reschedule(Ok(0))
+        }
+        Call::SchedPoll { deadline_ns } => {
+            let now = time::nanos_since_boot();
+            let d = &mut hv.domains[cur];
+            if deadline_ns <= now {
+                return Ret(Ok(0));
+            }
+            if d.events_need_delivery() {
+                return Ret(Ok(1));
+            }
+            d.vcpu.polling = true;
+            let wake = d.vcpu.timer_deadline.map_or(deadline_ns, |t| t.min(deadline_ns));
+            hv.sched.block(VcpuId(cur), Some(wake));
+            Reschedule(Ok(0))
+        }
+        Call::SchedShutdown { reason } => {
+            let r = if reason == SHUTDOWN_POWEROFF { EndReason::Poweroff } else { EndReason::CrashRequested(reason) };
+            domain::end(hv, cur, r);
+            Reschedule(Ok(0))
+        }
+        Call::SetTimer { deadline_ns } => {
+            hv.domains[cur].vcpu.timer_deadline = (deadline_ns != 0).then_some(deadline_ns);
+            Ret(Ok(0))
+        }
+        Call::MemoryPopulate { frames, count } => Ret(populate(hv, cur, frames, count)),
+        Call::MemoryRelease { frames, count } => Ret(release(hv, cur, frames, count)),
+        Call::MemoryQuery { info } => {
+            let d = &hv.domains[cur];
+            let m = MemoryInfo { nr_pages: d.nr_pages, max_pages: d.max_pages };
+            let mut b = [0u8; 16];
+            b[..8].copy_from_slice(&m.nr_pages.to_le_bytes());
+            b[8..].copy_from_slice(&m.max_pages.to_le_bytes());
+            Ret(write_guest(hv, cur, info, &b).map(|_| 0))
+        }
+        Call::MmuUpdate { reqs, count, done } => Ret(mmu_update(hv, cur, reqs, count, done)),
+        Call::PinTable { mfn, level } => {
+            if !(1..=4).contains(&level) {
+                return Ret(Err(Errno::EINVAL));
+            }
+            let id = hv.domains[cur].id;
+            Ret(hv.frames.pin(&mut Identity, id, mfn, level as u8).map(|_| 0))
+        }
+        Call::UnpinTable { mfn } => {
+            let id = hv.domains[cur].id;
+            Ret(hv.frames.unpin(&mut Identity, id, mfn).map(|_| 0))
+        }
+        Call::SetPtBase { mfn } => {
+            // Hold a reference on the new base so that unpinning it while
+            // loaded cannot turn it back into writable data.
+            let (id, old) = (hv.domains[cur].id, hv.domains[cur].vcpu.cr3);
+            if old == mfn {
+                return Ret(Ok(0));
+            }
+            match hv.frames.get_base(id, mfn) {
+                Ok(()) => {
+                    hv.domains[cur].vcpu.cr3 = mfn;
+                    let _ = hv.frames.put_base(&mut Identity, id, old);
+                    Ret(Ok(0))
+                }
+                Err(e) => Ret(Err(e)),
+            }
+        }
+        // Every exit to a guest reloads CR3, which flushes its (non-global)
+        // TLB entries, so there is nothing left to flush here.
+        Call::Invlpg { va } => Ret(if va.0 == u64::MAX || va.0 < HYPERVISOR_VA_START { Ok(0) } else { Err(Errno::EINVAL) }),
+        Call::SetTrapTable { table, count } => Ret(set_trap_table(hv, cur, table, count)),
+        Call::SetCallback { handler } => {
+            if handler.0 >= HYPERVISOR_VA_START || !microhv_core::paging::is_canonical(handler.0) {
+                return Ret(Err(Errno::EINVAL));
+            }
+            hv.domains[cur].vcpu.callback = handler.0;
+            Ret(Ok(0))
+        }
+        Call::Iret {} => match iret(hv, cur) {
+            Ok(()) => Resumed,
+            Err(e) => Ret(Err(e)),
+        },
+        Call::StackSwitch { rsp } => {
+            if rsp.0 >= HYPERVISOR_VA_START {
+                return Ret(Err(Errno::EINVAL));
+            }
+            hv.domains[cur].vcpu.kernel_sp = rsp.0;
+            Ret(Ok(0))
+        }
+        Call::EvtchnBindVirq { virq } => {
+            let d = &mut hv.domains[cur];
+            let Some(slot) = d.virq_ports.get_mut(virq as usize) else { return Ret(Err(Errno::EINVAL)) };
+            if *slot != 0 {
+                return Ret(Err(Errno::EEXIST));
+            }
+            let port = d.next_port;
+            if port as usize >= shared_abi::shared_info::EVTCHN_PORTS {
+                return Ret(Err(Errno::ENOSPC));
+            }
+            d.next_port += 1;
+            *slot = port;
+            Ret(Ok(port as u64))
+        }
+        Call::DomctlList { out, max } => {
+            let n = hv.domains.len();
+            let k = (max as usize).min(n);
+            let mut bytes = vec![0u8; k * 64];
+            for i in 0..k {
+                let info = hv.domains[i].info(&hv.sched, i);
+                bytes[i * 64..i * 64 + 64].copy_from_slice(&domain_info_bytes(&info));
+            }
+            Ret(write_guest(hv, cur, out, &bytes).map(|_| n as u64))
+        }
+    }
+}
+
+fn domain_info_bytes(d: &DomainInfo) -> [u8; 64] {
+    let mut b = [0u8; 64];
+    b[0..2].copy_from_slice(&d.domid.to_le_bytes());
+    b[2] = d.state;
+    b[3] = d.flags;
+    b[8..16].copy_from_slice(&d.nr_pages.to_le_bytes());
+    b[16..24].copy_from_slice(&d.max_pages.to_le_bytes());
+    b[24..32].copy_from_slice(&d.cpu_time_ns.to_le_bytes());
+    b[32..64].copy_from_slice(&d.name);
+    b
+}
+
+fn populate(hv: &mut Hv, cur: usize, frames: GuestVa, count: u64) -> Result<u64, Errno> {
+    if count > BATCH_MAX {
+        return Err(Errno::E2BIG);
+    }
+    let d = &hv.domains[cur];
+    if d.nr_pages + count > d.max_pages {
+        return Err(Errno::ENOMEM);
+    }
+    // Check the output array before taking any memory.
+    let mut probe = vec![0u8; count as usize * 8];
+    read_guest(hv, cur, frames, &mut probe)?;
+    let id = d.id;
+    let mut got = alloc::vec::Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let Some(f) = mm::alloc_frame() else { break };
+        let mfn = Mfn(f.0);
+        // Never hand a guest another domain's old data.
+        microhv_core::machine::MachineMemory::zero(&mut Identity, mfn);
+        if hv.frames.assign(mfn, id).is_err() {
+            let _ = mm::free_frame(f);
+            break;
+        }
+        got.push(mfn);
+    }
+    let undo = |hv: &mut Hv, got: &[Mfn]| {
+        for &m in got {
+            let _ = hv.frames.release(m, id);
+            let _ = mm::free_frame(microhv_core::frame::Mfn(m.0));
+        }
+    };
+    if got.len() as u64 != count {
+        undo(hv, &got);
+        return Err(Errno::ENOMEM);
+    }
+    let bytes: alloc::vec::Vec<u8> = got.iter().flat_map(|m| m.0.to_le_bytes()).collect();
+    if let Err(e) = write_guest(hv, cur, frames, &bytes) {
+        undo(hv, &got);
+        return Err(e);
+    }
+    hv.domains[cur].nr_pages += count;
+    Ok(count)
+}
+
+fn release(hv: &mut Hv, cur: usize, frames: GuestVa, count: u64) -> Result<u64, Errno> {
+    if count > BATCH_MAX {
+        return Err(Errno::E2BIG);
+    }
+    let mfns = read_u64s(hv, cur, frames, count)?;
+    let id = hv.domains[cur].id;
+    for (i, &m) in mfns.iter().enumerate() {
+        if let Err(e) = hv.frames.release(Mfn(m), id) {
+            return if i == 0 { Err(e) } else { Ok(i as u64) };
+        }
+        if let Err(e) = mm::free_frame(microhv_core::frame::Mfn(m)) {
+            log::error!("released frame {m:#x} could not be freed: {e:?}");
+        }
+        hv.domains[cur].nr_pages -= 1;
+    }
+    Ok(count)
+}
+
+fn mmu_update(hv: &mut Hv, cur: usize, reqs: GuestVa, count: u64, done: GuestVa) -> Result<u64, Errno> {
+    if count > BATCH_MAX {
+        return Err(Errno::E2BIG);
+    }
+    let words = read_u64s(hv, cur, reqs, count * 2)?;
+    let id = hv.domains[cur].id;
+    let mut applied = 0u64;
+    let mut result = Ok(0);
+    for pair in words.chunks_exact(2) {
+        if let Err(e) = hv.frames.mmu_update(&mut Identity, id, pair[0], pair[1]) {
+            result = Err(e);
+            break;
+        }
+        applied += 1;
+    }
+    if done.0 != 0 {
+        write_guest(hv, cur, done, &applied.to_le_bytes())?;
+    }
+    result
+}
+
+fn set_trap_table(hv: &mut Hv, cur: usize, table: GuestVa, count: u64) -> Result<u64, Errno> {
+    if count > 256 {
+        return Err(Errno::E2BIG);
+    }
+    let words = read_u64s(hv, cur, table, count * 2)?;
+    let mut traps = hv.domains[cur].vcpu.traps;
+    for e in words.chunks_exact(2) {
+        let vector = (e[0] & 0xff) as usize;
+        let handler = e[1];
+        if vector >= 32 || handler >= HYPERVISOR_VA_START || !microhv_core::paging::is_canonical(handler) {
+            return Err(Errno::EINVAL);
+        }
+        traps[vector] = handler;
+    }
+    hv.domains[cur].vcpu.traps = traps;
+    Ok(0)
+}
+
+/// RFLAGS bits a guest may set through `iret`: arithmetic flags, TF, DF, AC,
+/// ID. Never IOPL, NT, VM or the real IF (which stays on).
+const GUEST_RFLAGS: u64 = 0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x100 | 0x400 | 0x800 | 0x4_0000 | 0x20_0000;
+
+fn iret(hv: &mut Hv, cur: usize) -> Result<(), Errno> {
+    let sp = hv.domains[cur].vcpu.regs.rsp;
+    let mut b = [0u8; 48];
+    read_guest(hv, cur, GuestVa(sp), &mut b)?;
+    let w = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
+    let (rax, rip, cs, rflags, rsp) = (w(0), w(1), w(2), w(3), w(4));
+    if rip >= HYPERVISOR_VA_START || !microhv_core::paging::is_canonical(rip) {
+        return Err(Errno::EINVAL);
+    }
+    let to_user = cs & 3 == 3;
+    let d = &mut hv.domains[cur];
+    d.set_upcall_mask(rflags & 0x200 == 0);
+    let regs = &mut d.vcpu.regs;
+    regs.rax = rax;
+    regs.rip = rip;
+    regs.rsp = rsp;
+    regs.rflags = (rflags & GUEST_RFLAGS) | 0x202;
+    // The guest picks the ring (1 or 3), never the selector.
+    if to_user {
+        regs.cs = cpu::GUEST_USER_CS as u64;
+        regs.ss = cpu::GUEST_USER_DS as u64;
+    } else {
+        regs.cs = cpu::GUEST_KERNEL_CS as u64;
+        regs.ss = cpu::GUEST_KERNEL_DS as u64;
+    }
+    Ok(())
+}
