@@ -43,9 +43,10 @@ macro_rules! for_each_hypercall {
             /// Arm the one-shot timer: at system time `deadline_ns` the vCPU gets a
             /// `VIRQ_TIMER` event (and wakes if blocked). 0 cancels it.
             7 SET_TIMER SetTimer set_timer(deadline_ns: u64) [PV HVM ANY];
-            /// Balloon up: take up to `count` new frames (within the domain's limit)
-            /// and write their MFNs to the `u64` array at `frames`. Returns how
-            /// many were added; -ENOMEM when the limit is reached.
+            /// Balloon up: take `count` new, zeroed frames and write their MFNs to
+            /// the `u64` array at `frames`. All or nothing: -ENOMEM when they would
+            /// take the domain past its limit (or the host is out of memory).
+            /// Returns `count`. Map the frames with `mmu_update` to use them.
             8 MEMORY_POPULATE MemoryPopulate memory_populate(frames: GuestVa, count: u64) [PV - ANY];
             /// Balloon down: give back the `count` frames whose MFNs are in the
             /// array at `frames`. Each must be the domain's, unmapped and not a

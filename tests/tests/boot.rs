@@ -1,15 +1,14 @@
 //! System tests for the foundation: a normal boot and deliberate faults.
-//! Each boots the real images in QEMU (TCG) and checks the serial console.
+//! Each boots the real images in QEMU (TCG, -icount) and checks the serial console.
 
-use xtask::{images_for_tests, Outcome, QemuRun, RunResult};
+use xtask::{test_run, Outcome, RunResult};
 
 fn boot(cmdline: &str) -> RunResult {
-    let run = QemuRun::new(&images_for_tests()).cmdline(cmdline);
-    run.run().expect("QEMU could not be started")
+    test_run().cmdline(cmdline).run().expect("QEMU could not be started")
 }
 
 #[test]
-fn normal_boot_passes_its_self_check_and_powers_off() {
+fn normal_boot_passes_its_self_check() {
     let r = boot("");
     let out = &r.serial;
     assert_eq!(r.outcome, Outcome::Success, "serial output:\n{out}");
@@ -27,7 +26,7 @@ fn normal_boot_passes_its_self_check_and_powers_off() {
         "self-check: W^X ok",
         "self-check: heap ok",
         "self-check: frames ok",
-        "self-check: timer",
+        "self-check: timer 30 ticks",
         "self-check PASSED",
     ] {
         assert!(out.contains(needle), "missing {needle:?} in:\n{out}");

@@ -90,6 +90,8 @@ pub struct Images {
     pub microhv: PathBuf,
     pub dom0: PathBuf,
     pub domu: PathBuf,
+    /// The hostile test guest (attack chosen by `attack=` on its module line).
+    pub hostile: PathBuf,
 }
 
 impl Images {
@@ -99,6 +101,7 @@ impl Images {
             microhv: dir.join("microhv.elf"),
             dom0: dir.join("dom0.elf"),
             domu: dir.join("domu.elf"),
+            hostile: dir.join("hostile.elf"),
         }
     }
 }
@@ -123,6 +126,8 @@ pub fn build_images(release: bool) -> Result<Images> {
         "dom0",
         "-p",
         "domu-kernel",
+        "-p",
+        "hostile-guest",
     ]);
     if release {
         cmd.arg("--release");
@@ -138,7 +143,12 @@ pub fn build_images(release: bool) -> Result<Images> {
     let out = root.join("target/images").join(profile);
     std::fs::create_dir_all(&out)?;
     let images = Images::in_dir(&out);
-    for (from, to) in [("microhv", &images.microhv), ("dom0", &images.dom0), ("domu-kernel", &images.domu)] {
+    for (from, to) in [
+        ("microhv", &images.microhv),
+        ("dom0", &images.dom0),
+        ("domu-kernel", &images.domu),
+        ("hostile-guest", &images.hostile),
+    ] {
         std::fs::copy(built.join(from), to).with_context(|| format!("copying {from} to {}", to.display()))?;
     }
     Ok(images)
@@ -159,6 +169,15 @@ pub fn images_for_tests() -> Images {
             build_images(false).expect("building the images for the system tests")
         })
         .clone()
+}
+
+/// A QEMU run for the system tests: TCG with `-icount`, so the guest clock
+/// counts instructions and results do not depend on how busy the host is.
+pub fn test_run() -> QemuRun {
+    let mut run = QemuRun::new(&images_for_tests());
+    run.icount = true;
+    run.timeout = Duration::from_secs(240);
+    run
 }
 
 /// Which accelerator QEMU uses.

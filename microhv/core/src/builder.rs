@@ -12,15 +12,15 @@
 //! `i` is mapped at virtual address `virt_base + i * 4096`, where `virt_base`
 //! is the lowest kernel segment address rounded down to a page. In pfn order:
 //!
-//! | pfns                         | contents                                   | leaf mapping       |
-//! |------------------------------|--------------------------------------------|--------------------|
-//! | `0 .. kernel_pages`          | kernel segments (`virt_base .. virt_end`)  | per segment (below)|
-//! | `+1`                         | `start_info`                               | RW, NX             |
-//! | `+1`                         | `shared_info` (left zeroed)                | RW, NX             |
-//! | `ceil(nr_pages * 8 / 4096)`  | p2m list: `u64` mfn of every pfn, LE       | RW, NX             |
-//! | `1 + L3 + L2 + L1`           | page tables: L4, the L3s, L2s, then L1s    | read-only, NX      |
-//! | [`BOOT_STACK_PAGES`]         | boot stack (`stack_top` = its end)         | RW, NX             |
-//! | `first_free_pfn ..`          | free pages                                 | RW, NX             |
+//! | part          | pages                           | contents                                 | leaf mapping      |
+//! |---------------|---------------------------------|------------------------------------------|-------------------|
+//! | kernel        | `(virt_end - virt_base) / 4096` | the segments, from pfn 0                 | per segment       |
+//! | `start_info`  | 1                               | [`StartInfo`] at offset 0                | RW, NX            |
+//! | `shared_info` | 1                               | zero (the hypervisor fills it later)     | RW, NX            |
+//! | p2m list      | `ceil(nr_pages * 8 / 4096)`     | little-endian `u64` mfn of every pfn     | RW, NX            |
+//! | page tables   | `1 + L3 + L2 + L1`              | the L4, then the L3s, L2s and L1s        | read-only, NX     |
+//! | boot stack    | [`BOOT_STACK_PAGES`]            | zero; `stack_top` is the VA of its end   | RW, NX            |
+//! | free          | up to `nr_pages`                | zero, from `first_free_pfn`              | RW, NX            |
 //!
 //! A kernel page is writable if any segment touching it is writable and
 //! executable (no NX) if any segment touching it is executable; pages inside
@@ -350,10 +350,8 @@ pub fn parse_pv_image(file: &[u8]) -> Result<PvImage, BuildError> {
         if ph.p_filesz > ph.p_memsz {
             return Err(BuildError::Malformed("a segment's file size exceeds its memory size"));
         }
-        let out_of_range = BuildError::SegmentOutOfRange { vaddr: ph.p_vaddr, memsz: ph.p_memsz };
-        let end = ph.p_vaddr.checked_add(ph.p_memsz).ok_or(out_of_range.clone())?;
-        if end > LOWER_HALF_END {
-            return Err(out_of_range);
+        if !matches!(ph.p_vaddr.checked_add(ph.p_memsz), Some(end) if end <= LOWER_HALF_END) {
+            return Err(BuildError::SegmentOutOfRange { vaddr: ph.p_vaddr, memsz: ph.p_memsz });
         }
         segments.push(Segment {
             vaddr: ph.p_vaddr,

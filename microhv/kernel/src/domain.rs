@@ -88,6 +88,10 @@ pub struct Hv {
 
 pub static HV: Mutex<Option<Hv>> = Mutex::new(None);
 
+/// Free frames before any domain was built (to show that ending domains
+/// gives every frame back).
+static FREE_AT_START: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
 /// Byte offset of vCPU 0's `vcpu_info` fields inside shared_info.
 const VCPU0: usize = core::mem::offset_of!(SharedInfo, vcpu_info);
 const OFF_PENDING: usize = VCPU0 + core::mem::offset_of!(VcpuInfo, evtchn_upcall_pending);
@@ -309,6 +313,9 @@ pub fn start(modules: &[(&'static [u8], String)], hv_l4_entry: u64) -> ! {
         ran_since: 0,
     };
     let mut failed = 0;
+    let free_at_start = mm::free_frames();
+    FREE_AT_START.store(free_at_start, core::sync::atomic::Ordering::Relaxed);
+    log::info!("free memory before building domains: {free_at_start} frames");
     for (i, (file, args)) in modules.iter().enumerate() {
         let id = DomId(i as u16);
         if !builder::has_pv_note(file) {
@@ -628,10 +635,16 @@ fn finish() -> ! {
         }
         parts.push_str(&alloc::format!("{} {}", d.name, r));
     }
+    let free = mm::free_frames();
+    let at_start = FREE_AT_START.load(core::sync::atomic::Ordering::Relaxed);
+    println!("microhv: memory: {free} frames free now, {at_start} before the domains were built");
+    if free != at_start {
+        log::error!("{} frames were not returned", at_start.abs_diff(free));
+        clean = false;
+    }
     println!(
-        "microhv: summary: {} domains ran: {parts}; {} MiB free; exit {}",
+        "microhv: summary: {} domains ran: {parts}; exit {}",
         hv.domains.len(),
-        mm::free_frames() / 256,
         if clean { "success" } else { "failure" }
     );
     power::off(if clean { shared_abi::exit::SUCCESS } else { shared_abi::exit::FAILURE })

@@ -30,19 +30,34 @@ fn read_entry(table_mfn: u64, index: u64) -> Option<u64> {
     Some(unsafe { core::ptr::read_volatile((va + index * 8) as *const u64) })
 }
 
-/// Machine address of the L1 entry that maps `va` (for `mmu_update`), or of
-/// the deepest present entry on the way if `level_reached` is wanted.
-pub fn l1_entry_maddr(va: u64) -> Option<u64> {
+/// Machine addresses of the entries that map `va` at each level: L4, L3,
+/// L2, L1 (for `mmu_update`). None if a table on the way is missing.
+pub fn entry_maddrs(va: u64) -> Option<[u64; 4]> {
     let mut table = crate::start_info().pt_base_mfn;
-    for level in (2..=4).rev() {
+    let mut out = [0u64; 4];
+    for (i, level) in (1..=4u64).rev().enumerate() {
         let idx = (va >> (12 + 9 * (level - 1))) & 0x1ff;
-        let e = read_entry(table, idx)?;
-        if e & PTE_PRESENT == 0 {
-            return None;
+        out[i] = (table << 12) + idx * 8;
+        if level > 1 {
+            let e = read_entry(table, idx)?;
+            if e & PTE_PRESENT == 0 {
+                return None;
+            }
+            table = (e & PTE_ADDR) >> 12;
         }
-        table = (e & PTE_ADDR) >> 12;
     }
-    Some((table << 12) + ((va >> 12) & 0x1ff) * 8)
+    Some(out)
+}
+
+/// Machine address of the L1 entry that maps `va` (for `mmu_update`).
+pub fn l1_entry_maddr(va: u64) -> Option<u64> {
+    entry_maddrs(va).map(|e| e[3])
+}
+
+/// Reads the page-table entry at machine address `maddr` (through the
+/// read-only mapping of our tables).
+pub fn read_maddr(maddr: u64) -> Option<u64> {
+    read_entry(maddr >> 12, (maddr & 0xfff) / 8)
 }
 
 /// Applies page-table updates; returns how many were applied before an error.

@@ -1,0 +1,325 @@
+//! A hostile PV guest for the isolation tests. Each domain runs one attack,
+//! named by `attack=` on its command line, and prints one `check` line per
+//! attempt and a final `ATTACK <name>: ...` line. Attacks that end in a fault
+//! the guest does not handle are ended by microhv with a logged reason; the
+//! system test checks that line in the hypervisor log instead.
+#![cfg_attr(target_os = "none", no_std)]
+#![cfg_attr(target_os = "none", no_main)]
+
+#[cfg(not(target_os = "none"))]
+fn main() {
+    eprintln!("hostile-guest is a guest kernel for the system tests.");
+    std::process::exit(2);
+}
+
+#[cfg(target_os = "none")]
+mod guest {
+    extern crate alloc;
+    use core::sync::atomic::{AtomicU64, Ordering};
+    use microhv_guest::hypercall as hc;
+    use microhv_guest::mm::{self, PTE_ADDR, PTE_PRESENT, PTE_RW, PTE_USER};
+    use microhv_guest::shared_abi::hypercall::*;
+    use microhv_guest::shared_abi::HYPERVISOR_VA_START;
+    use microhv_guest::traps::{self, ExceptionFrame};
+    use microhv_guest::{entry, println, Errno, GuestVa, Mfn, StartInfo};
+
+    entry!(main);
+
+    static FAILURES: AtomicU64 = AtomicU64::new(0);
+    static CHECKS: AtomicU64 = AtomicU64::new(0);
+
+    fn check(what: &str, got: Result<u64, Errno>, want: Errno) {
+        CHECKS.fetch_add(1, Ordering::SeqCst);
+        let ok = got == Err(want);
+        if !ok {
+            FAILURES.fetch_add(1, Ordering::SeqCst);
+        }
+        println!("check {what}: got {got:?}, want {} -> {}", want.name(), if ok { "ok" } else { "FAIL" });
+    }
+
+    fn finish(name: &str) -> ! {
+        let (n, f) = (CHECKS.load(Ordering::SeqCst), FAILURES.load(Ordering::SeqCst));
+        if f == 0 {
+            println!("ATTACK {name}: all {n} checks ok");
+            microhv_guest::shutdown(SHUTDOWN_POWEROFF)
+        } else {
+            println!("ATTACK {name}: FAILED {f} of {n} checks");
+            microhv_guest::shutdown(SHUTDOWN_CRASH)
+        }
+    }
+
+    fn main(si: &'static StartInfo) -> ! {
+        microhv_guest::init_heap(si, 1);
+        let attack = microhv_guest::shared_abi::start_info::StartInfo::cmdline(si)
+            .split_ascii_whitespace()
+            .find_map(|w| w.strip_prefix("attack="))
+            .unwrap_or("none");
+        println!("hostile guest starting attack '{attack}'");
+        match attack {
+            "read-hv" => {
+                // Unregister our #PF handler first, so that microhv itself must
+                // end the domain (the other fault attacks go through our handler).
+                let none = [TrapInfo { vector: 14, _pad: [0; 7], handler: 0 }];
+                // SAFETY: the table is valid for one entry.
+                let _ = unsafe { hc::set_trap_table(GuestVa(none.as_ptr() as u64), 1) };
+                // The hypervisor's image lives at 2 MiB physical; nothing maps it here.
+                // SAFETY: deliberately unsound: this must fault and end the domain.
+                let v = unsafe { core::ptr::read_volatile(0x20_0000 as *const u64) };
+                println!("ATTACK read-hv: read {v:#x} from a hypervisor address: ISOLATION BROKEN");
+            }
+            "write-hv" => {
+                // The entry area is mapped (read-only) at the top of every address space.
+                // SAFETY: deliberately unsound: must fault.
+                unsafe { core::ptr::write_volatile((HYPERVISOR_VA_START + 0x100) as *mut u8, 0x90) };
+                println!("ATTACK write-hv: wrote to the hypervisor entry area: ISOLATION BROKEN");
+            }
+            "write-pt" => {
+                // Page tables are mapped read-only: writing the L4 directly must fault.
+                // SAFETY: deliberately unsound: must fault.
+                unsafe { core::ptr::write_volatile(si.pt_base_va as *mut u64, 0) };
+                println!("ATTACK write-pt: wrote to a page table: ISOLATION BROKEN");
+            }
+            "map-foreign" => map_foreign(si),
+            "priv-insn" => priv_insn(),
+            "ring3-hypercall" => ring3_hypercall(),
+            "bad-pointers" => bad_pointers(si),
+            "unknown-hypercall" => unknown_hypercall(),
+            "balloon" => balloon(si),
+            other => println!("unknown attack '{other}'"),
+        }
+        finish(attack)
+    }
+
+    fn own(mfn: u64) -> bool {
+        mm::p2m().contains(&mfn)
+    }
+
+    fn map_foreign(si: &StartInfo) {
+        let va = si.virt_base + (si.nr_pages - 1) * mm::PAGE;
+        let slot = mm::l1_entry_maddr(va).expect("last page has an L1 entry");
+        let map = |mfn: u64, flags: u64| -> Result<u64, Errno> {
+            mm::mmu_update(&[MmuUpdate { ptr: slot, val: (mfn << 12) | flags }]).map(|_| 0).map_err(|(_, e)| e)
+        };
+        let _ = mm::unmap(va);
+        check("map the hypervisor image frame (mfn 0x200)", map(0x200, PTE_PRESENT | PTE_RW), Errno::EPERM);
+        check("map the hypervisor image frame read-only", map(0x200, PTE_PRESENT), Errno::EPERM);
+        // Scan machine memory for frames that are not ours: all must be refused.
+        let mut tried = 0u64;
+        let mut mapped = 0u64;
+        let mut mfn = 0x100;
+        while mfn < 0x10000 {
+            if !own(mfn) {
+                tried += 1;
+                let r = map(mfn, PTE_PRESENT | PTE_RW);
+                if r.is_ok() {
+                    println!("  frame {mfn:#x} was mapped!");
+                    mapped += 1;
+                    let _ = mm::unmap(va);
+                }
+            }
+            mfn += 37;
+        }
+        CHECKS.fetch_add(1, Ordering::SeqCst);
+        if mapped != 0 {
+            FAILURES.fetch_add(1, Ordering::SeqCst);
+        }
+        println!("check map {tried} frames of other domains, microhv and beyond RAM: {mapped} mapped -> {}", if mapped == 0 { "ok" } else { "FAIL" });
+        check("map our own L4 writable", map(si.pt_base_mfn, PTE_PRESENT | PTE_RW), Errno::EACCES);
+        let l4_slot511 = (si.pt_base_mfn << 12) + 511 * 8;
+        check(
+            "overwrite the hypervisor slot of our L4",
+            mm::mmu_update(&[MmuUpdate { ptr: l4_slot511, val: 0 }]).map(|_| 0).map_err(|(_, e)| e),
+            Errno::EPERM,
+        );
+        let own_frame = mm::p2m()[0];
+        check("map with a huge-page/reserved bit", map(own_frame, PTE_PRESENT | (1 << 7)), Errno::EINVAL);
+        check("write an entry of a frame that is not a page table",
+            mm::mmu_update(&[MmuUpdate { ptr: own_frame << 12, val: 0 }]).map(|_| 0).map_err(|(_, e)| e), Errno::EINVAL);
+        // A read-only mapping of our own table is fine.
+        let ro = map(si.pt_base_mfn, PTE_PRESENT);
+        CHECKS.fetch_add(1, Ordering::SeqCst);
+        println!("check map our own L4 read-only: got {ro:?} -> {}", if ro.is_ok() { "ok" } else { "FAIL" });
+        if ro.is_err() {
+            FAILURES.fetch_add(1, Ordering::SeqCst);
+        }
+        let _ = mm::unmap(va);
+    }
+
+    static EXPECT_LEN: AtomicU64 = AtomicU64::new(0);
+    static LAST_VECTOR: AtomicU64 = AtomicU64::new(u64::MAX);
+
+    fn skip_hook(f: &mut ExceptionFrame) {
+        LAST_VECTOR.store(f.vector, Ordering::SeqCst);
+        f.rip += EXPECT_LEN.load(Ordering::SeqCst);
+    }
+
+    fn expect_gp(what: &str, len: u64, run: fn()) {
+        EXPECT_LEN.store(len, Ordering::SeqCst);
+        LAST_VECTOR.store(u64::MAX, Ordering::SeqCst);
+        run();
+        let v = LAST_VECTOR.load(Ordering::SeqCst);
+        CHECKS.fetch_add(1, Ordering::SeqCst);
+        let ok = v == 13;
+        if !ok {
+            FAILURES.fetch_add(1, Ordering::SeqCst);
+        }
+        println!("check {what}: {} -> {}", if v == u64::MAX { "executed without a fault" } else { traps::NAMES[v as usize % 32] }, if ok { "ok" } else { "FAIL" });
+    }
+
+    fn priv_insn() {
+        traps::set_exception_hook(skip_hook);
+        // SAFETY (each block): these instructions must raise #GP in ring 1;
+        // the hook skips them (their encoded length is given).
+        expect_gp("cli", 1, || unsafe { core::arch::asm!("cli") });
+        expect_gp("hlt", 1, || unsafe { core::arch::asm!("hlt") });
+        expect_gp("mov cr3, rax", 3, || unsafe { core::arch::asm!("mov cr3, rax", in("rax") 0x1000u64) });
+        expect_gp("wrmsr (IA32_LSTAR)", 2, || unsafe { core::arch::asm!("wrmsr", in("ecx") 0xC000_0082u32, in("eax") 0, in("edx") 0) });
+        expect_gp("rdmsr (IA32_EFER)", 2, || unsafe { core::arch::asm!("rdmsr", in("ecx") 0xC000_0080u32, out("eax") _, out("edx") _) });
+        expect_gp("in al, dx (COM1)", 1, || unsafe { core::arch::asm!("in al, dx", in("dx") 0x3f8u16, out("al") _) });
+        expect_gp("out dx, al (isa-debug-exit)", 1, || unsafe { core::arch::asm!("out dx, al", in("dx") 0xf4u16, in("al") 0u8) });
+        expect_gp("lidt", 3, || unsafe { core::arch::asm!("lidt [rax]", in("rax") 0x40_0000u64) });
+    }
+
+    #[repr(C, align(4096))]
+    struct Page([u8; 4096]);
+    static mut USER_STACK: Page = Page([0; 4096]);
+    static mut KERNEL_STACK: [Page; 2] = [Page([0; 4096]), Page([0; 4096])];
+
+    #[unsafe(naked)]
+    #[link_section = ".text.user"]
+    extern "C" fn user_code() -> ! {
+        // console_write from ring 3: the gate has DPL 1, so this must raise #GP.
+        core::arch::naked_asm!("2:", "mov eax, 2", "int 0x82", "jmp 2b", ".p2align 12")
+    }
+
+    fn ring3_hook(f: &mut ExceptionFrame) {
+        let from_user = f.cs & 3 == 3;
+        // The error code names the IDT gate: bit 1 set, the vector in bits 3..
+        // (QEMU TCG reports vector * 16 + 2 instead of vector * 8 + 2; accept both.)
+        let vec = microhv_guest::shared_abi::HYPERCALL_VECTOR as u64;
+        let gate = f.error_code & 2 != 0 && (f.error_code >> 3 == vec || f.error_code >> 4 == vec);
+        let ok = f.vector == 13 && from_user && gate;
+        CHECKS.fetch_add(1, Ordering::SeqCst);
+        if !ok {
+            FAILURES.fetch_add(1, Ordering::SeqCst);
+        }
+        println!(
+            "check int 0x82 from ring 3: {} error {:#x} from ring {} -> {}",
+            traps::NAMES[f.vector as usize % 32], f.error_code, f.cs & 3, if ok { "ok" } else { "FAIL" }
+        );
+        finish("ring3-hypercall")
+    }
+
+    /// Lets ring 3 use the pages at `va`: US on every level of its mapping.
+    fn make_user(va: u64) -> Result<(), Errno> {
+        let slots = mm::entry_maddrs(va).ok_or(Errno::ENOENT)?;
+        for s in slots {
+            let e = mm::read_maddr(s).ok_or(Errno::ENOENT)?;
+            mm::mmu_update(&[MmuUpdate { ptr: s, val: e | PTE_USER }]).map_err(|(_, e)| e)?;
+        }
+        Ok(())
+    }
+
+    fn ring3_hypercall() {
+        let code = user_code as *const () as u64 & !0xfff;
+        let stack = core::ptr::addr_of!(USER_STACK) as u64;
+        let kstack_top = core::ptr::addr_of!(KERNEL_STACK) as u64 + 2 * 4096;
+        if let Err(e) = make_user(code).and_then(|_| make_user(stack)) {
+            println!("could not set up ring 3: {e}");
+            FAILURES.fetch_add(1, Ordering::SeqCst);
+            return;
+        }
+        // SAFETY: registers the kernel stack for traps from ring 3.
+        if let Err(e) = unsafe { hc::stack_switch(GuestVa(kstack_top)) } {
+            println!("stack_switch failed: {e}");
+            FAILURES.fetch_add(1, Ordering::SeqCst);
+            return;
+        }
+        traps::set_exception_hook(ring3_hook);
+        let frame = IretFrame { rax: 0, rip: user_code as *const () as u64, cs: 3, rflags: 0x200, rsp: stack + 4096, ss: 3 };
+        println!("entering ring 3 at {:#x}", frame.rip);
+        // SAFETY: `iret` pops the frame at RSP and continues in ring 3; it does
+        // not return here (the hook ends the domain).
+        unsafe {
+            core::arch::asm!("mov rsp, {f}", "mov eax, 18", "int 0x82", "ud2", f = in(reg) &frame as *const IretFrame, options(noreturn));
+        }
+    }
+
+    fn bad_pointers(si: &StartInfo) {
+        let w = |buf: u64, len: u64| unsafe { hc::console_write(GuestVa(buf), len) };
+        check("console_write from an unmapped address", w(0x7000_0000_0000, 10), Errno::EFAULT);
+        check("console_write from the hypervisor area", w(HYPERVISOR_VA_START, 10), Errno::EFAULT);
+        check("console_write from a kernel-half address", w(0xFFFF_8000_0000_0000, 10), Errno::EFAULT);
+        check("console_write with an overflowing range", w(u64::MAX - 5, 10), Errno::EFAULT);
+        check("console_write with a huge length", w(si.virt_base, 1 << 40), Errno::EINVAL);
+        let end = si.virt_base + si.nr_pages * mm::PAGE;
+        check("console_write running off the end of memory", w(end - 4, 16), Errno::EFAULT);
+        check("console_write of a non-canonical address", w(0x0000_8000_0000_0000, 4), Errno::EFAULT);
+        // SAFETY (below): the pointers are bad on purpose; microhv must refuse them.
+        check("memory_query into the hypervisor area", unsafe { hc::memory_query(GuestVa(HYPERVISOR_VA_START)) }, Errno::EFAULT);
+        check("memory_query into read-only memory (our L4)", unsafe { hc::memory_query(GuestVa(si.pt_base_va)) }, Errno::EFAULT);
+        check("mmu_update from an unmapped request list", unsafe { hc::mmu_update(GuestVa(0x10), 1, GuestVa(0)) }, Errno::EFAULT);
+        check("mmu_update with too many requests", unsafe { hc::mmu_update(GuestVa(si.virt_base), 1 << 40, GuestVa(0)) }, Errno::E2BIG);
+        let bad = [TrapInfo { vector: 14, _pad: [0; 7], handler: HYPERVISOR_VA_START }];
+        check("trap handler in the hypervisor area", unsafe { hc::set_trap_table(GuestVa(bad.as_ptr() as u64), 1) }, Errno::EINVAL);
+        let bad = [TrapInfo { vector: 99, _pad: [0; 7], handler: si.virt_base }];
+        check("trap table entry for vector 99", unsafe { hc::set_trap_table(GuestVa(bad.as_ptr() as u64), 1) }, Errno::EINVAL);
+        check("callback in the hypervisor area", unsafe { hc::set_callback(GuestVa(HYPERVISOR_VA_START + 0x10)) }, Errno::EINVAL);
+        check("pin a frame that is not ours", unsafe { hc::pin_table(Mfn(0x200), 1) }, Errno::EPERM);
+        check("pin at level 7", unsafe { hc::pin_table(Mfn(mm::p2m()[0]), 7) }, Errno::EINVAL);
+        check("switch to an unpinned base", unsafe { hc::set_pt_base(Mfn(mm::p2m()[0])) }, Errno::EINVAL);
+    }
+
+    fn unknown_hypercall() {
+        for nr in [0u64, 21, 31, 999, u64::MAX] {
+            // SAFETY: unknown numbers take no pointers.
+            let r = Errno::result(unsafe { hc::raw(nr, [1, 2, 3, 4, 5]) });
+            check(&alloc::format!("hypercall number {nr:#x}"), r, Errno::ENOSYS);
+        }
+        let mut out = [DomainInfo::default(); 2];
+        check("privileged domctl_list from a DomU", unsafe { hc::domctl_list(GuestVa(out.as_mut_ptr() as u64), 2) }, Errno::EPERM);
+        check("version with an unknown command", unsafe { hc::version(77) }, Errno::EINVAL);
+        check("bind an unknown VIRQ", unsafe { hc::evtchn_bind_virq(1000) }, Errno::EINVAL);
+    }
+
+    fn balloon(si: &StartInfo) {
+        let info = mm::memory_query().expect("memory_query");
+        let room = info.max_pages - info.nr_pages;
+        let mut out = alloc::vec![0u64; room as usize + 1];
+        check("populate one page past the limit",
+            unsafe { hc::memory_populate(GuestVa(out.as_mut_ptr() as u64), room + 1) }, Errno::ENOMEM);
+        check("populate with a bad output pointer", unsafe { hc::memory_populate(GuestVa(0x10), 1) }, Errno::EFAULT);
+        let mut big = alloc::vec![0u64; 1024];
+        check("populate 1024 pages in one call", unsafe { hc::memory_populate(GuestVa(big.as_mut_ptr() as u64), 1024) }, Errno::E2BIG);
+        let after = mm::memory_query().expect("memory_query");
+        CHECKS.fetch_add(1, Ordering::SeqCst);
+        let same = after.nr_pages == info.nr_pages;
+        if !same {
+            FAILURES.fetch_add(1, Ordering::SeqCst);
+        }
+        println!("check failed populates leave the domain at {} pages: now {} -> {}", info.nr_pages, after.nr_pages, if same { "ok" } else { "FAIL" });
+        let rel = |mfn: u64| {
+            let a = [mfn];
+            unsafe { hc::memory_release(GuestVa(a.as_ptr() as u64), 1) }
+        };
+        check("release a hypervisor frame", rel(0x200), Errno::EPERM);
+        let mut foreign = 0x300;
+        while own(foreign) {
+            foreign += 1;
+        }
+        check("release a frame that is not ours", rel(foreign), Errno::EPERM);
+        check("release our own L4 (a page table)", rel(si.pt_base_mfn), Errno::EBUSY);
+        check("release a frame that is still mapped", rel(mm::p2m()[si.first_free_pfn as usize]), Errno::EBUSY);
+        let sh = mm::translate(si.shared_info_va).unwrap_or(0);
+        let _ = PTE_ADDR;
+        check("release shared_info", rel(sh), Errno::EBUSY);
+        // Finally, fill up to the limit exactly: that must work.
+        let ok = unsafe { hc::memory_populate(GuestVa(out.as_mut_ptr() as u64), room) };
+        CHECKS.fetch_add(1, Ordering::SeqCst);
+        println!("check populate up to the limit ({room} pages): {ok:?} -> {}", if ok == Ok(room) { "ok" } else { "FAIL" });
+        if ok != Ok(room) {
+            FAILURES.fetch_add(1, Ordering::SeqCst);
+        }
+        check("populate one more", unsafe { hc::memory_populate(GuestVa(out.as_mut_ptr() as u64), 1) }, Errno::ENOMEM);
+    }
+}
