@@ -1,7 +1,7 @@
 //! microhv-guest: what a PV guest kernel needs to run on microhv, written
 //! only against `shared-abi`. A complete guest is a `main` function:
 //!
-//! ```ignore
+//! ```text
 //! #![no_std]
 //! #![no_main]
 //! use microhv_guest::{entry, println, StartInfo};
