@@ -8,7 +8,7 @@
 //! a value >= 0 on success, a negative [`Errno`](crate::Errno) on failure.
 //! Every other register is preserved. From ring 3, `int 0x82` raises #GP.
 
-use crate::types::{GuestVa, HypercallArg, Mfn};
+use crate::types::{DomId, GuestVa, HypercallArg, Mfn};
 use crate::Errno;
 use core::mem::{offset_of, size_of};
 
@@ -80,6 +80,34 @@ macro_rules! for_each_hypercall {
             /// Bind virtual IRQ `virq` (`VIRQ_TIMER`, ...) to a new event-channel
             /// port of this vCPU and return the port.
             20 EVTCHN_BIND_VIRQ EvtchnBindVirq evtchn_bind_virq(virq: u64) [PV HVM ANY];
+            /// Allocate a new port, unbound, that domain `remote` may bind to with
+            /// `evtchn_bind_interdomain`. Returns the port.
+            21 EVTCHN_ALLOC_UNBOUND EvtchnAllocUnbound evtchn_alloc_unbound(remote: DomId) [PV HVM ANY];
+            /// Connect a new local port to `remote_port` of domain `remote`, which
+            /// must be unbound and allocated for the caller. Returns the local port.
+            22 EVTCHN_BIND_INTERDOMAIN EvtchnBindInterdomain evtchn_bind_interdomain(remote: DomId, remote_port: u64) [PV HVM ANY];
+            /// Signal the other end of an interdomain port (-EINVAL on an unbound,
+            /// closed or virtual-IRQ port).
+            23 EVTCHN_SEND EvtchnSend evtchn_send(port: u64) [PV HVM ANY];
+            /// Close a port; an interdomain peer becomes unbound again.
+            24 EVTCHN_CLOSE EvtchnClose evtchn_close(port: u64) [PV HVM ANY];
+            /// Write an `EvtchnStatus` for `port` to `out`.
+            25 EVTCHN_STATUS EvtchnStatus evtchn_status(port: u64, out: GuestVa) [PV HVM ANY];
+            /// Clear the port's mask bit and, if it is pending, raise the upcall.
+            26 EVTCHN_UNMASK EvtchnUnmask evtchn_unmask(port: u64) [PV HVM ANY];
+            /// Grant domain `grantee` access to the caller's machine frame `frame`
+            /// (read-only when `readonly` is 1). Returns the grant reference.
+            27 GRANT_ACCESS GrantAccess grant_access(grantee: DomId, frame: Mfn, readonly: u64) [PV HVM ANY];
+            /// Revoke a grant; -EBUSY while the grantee still has it mapped.
+            28 GRANT_END GrantEnd grant_end(gref: u64) [PV HVM ANY];
+            /// Map the frame that domain `granter` granted with `gref` at the
+            /// caller's address `va` (whose L1 table must exist and entry be empty);
+            /// writable when `writable` is 1 and the grant allows it.
+            29 GRANT_MAP GrantMap grant_map(granter: DomId, gref: u64, va: GuestVa, writable: u64) [PV - ANY];
+            /// Undo a `grant_map` at `va`.
+            30 GRANT_UNMAP GrantUnmap grant_unmap(granter: DomId, gref: u64, va: GuestVa) [PV - ANY];
+            /// Copy through a grant as described by the `GrantCopy` at `op`.
+            31 GRANT_COPY GrantCopy grant_copy(op: GuestVa) [PV HVM ANY];
             /// Privileged: write up to `max` `DomainInfo` records to `out`; returns
             /// the number of domains.
             32 DOMCTL_LIST DomctlList domctl_list(out: GuestVa, max: u64) [PV - DOM0];
@@ -291,6 +319,52 @@ pub struct MemoryInfo {
 
 const _: () = assert!(size_of::<MemoryInfo>() == 16);
 
+/// `evtchn_status` result. `state`: 0 free, 1 unbound, 2 interdomain,
+/// 3 virtual IRQ, 4 physical IRQ.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EvtchnStatus {
+    pub state: u32,
+    /// Unbound / interdomain: the remote domain.
+    pub remote_dom: u16,
+    pub _pad: u16,
+    /// Interdomain: the remote port; VIRQ / PIRQ: its number.
+    pub detail: u32,
+    pub _pad2: u32,
+}
+
+const _: () = assert!(size_of::<EvtchnStatus>() == 16);
+
+pub const EVTCHN_STATE_FREE: u32 = 0;
+pub const EVTCHN_STATE_UNBOUND: u32 = 1;
+pub const EVTCHN_STATE_INTERDOMAIN: u32 = 2;
+pub const EVTCHN_STATE_VIRQ: u32 = 3;
+pub const EVTCHN_STATE_PIRQ: u32 = 4;
+
+/// `grant_copy` argument: copy `len` bytes between the caller's address
+/// `local_va` and byte `offset` of the frame that `granter` granted with
+/// `gref`. `flags` bit 0 set: write into the granted frame (needs a writable
+/// grant); clear: read from it. The range must stay inside the frame.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GrantCopy {
+    pub granter: u16,
+    pub _pad: u16,
+    pub gref: u32,
+    pub offset: u32,
+    pub len: u32,
+    pub local_va: u64,
+    pub flags: u32,
+    pub _pad2: u32,
+}
+
+const _: () = {
+    assert!(size_of::<GrantCopy>() == 32);
+    assert!(offset_of!(GrantCopy, local_va) == 16);
+};
+
+pub const GRANT_COPY_TO_GRANTED: u32 = 1;
+
 /// Domain states in `DomainInfo::state`.
 pub const DOMSTATE_RUNNING: u8 = 0;
 pub const DOMSTATE_BLOCKED: u8 = 1;
@@ -341,7 +415,7 @@ mod tests {
 
     #[test]
     fn unknown_numbers_are_enosys_never_success() {
-        for n in [0, 21, 31, 33, 1000, u64::MAX] {
+        for n in [0, 33, 40, 63, 1000, u64::MAX] {
             assert_eq!(Call::decode(n, [0; 5]), Err(Errno::ENOSYS), "number {n}");
             assert_eq!(check_access(n, GuestKind::Pv, true).err(), Some(Errno::ENOSYS));
         }

@@ -13,11 +13,17 @@
 #![no_std]
 #![forbid(unsafe_code)]
 
+extern crate alloc;
+
+pub mod console;
+pub mod device;
 pub mod errno;
 pub mod hypercall;
 pub mod note;
+pub mod ring;
 pub mod shared_info;
 pub mod start_info;
+pub mod store;
 pub mod types;
 
 pub use errno::Errno;

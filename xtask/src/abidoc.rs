@@ -6,7 +6,7 @@
 
 use crate::project_root;
 use anyhow::{bail, Context, Result};
-use shared_abi::hypercall::{self, DomainInfo, IretFrame, MemoryInfo, MmuUpdate, TrapInfo, TABLE};
+use shared_abi::hypercall::{self, DomainInfo, EvtchnStatus, GrantCopy, IretFrame, MemoryInfo, MmuUpdate, TrapInfo, TABLE};
 use shared_abi::note::{PvNote, NOTE_NAME, NOTE_TYPE_PV};
 use shared_abi::shared_info::{SharedInfo, VcpuInfo, VcpuTime, EVTCHN_PORTS, MAX_VCPUS};
 use shared_abi::start_info::{StartInfo, CMDLINE_LEN, NAME_LEN};
@@ -167,6 +167,23 @@ fn layouts() -> Vec<Layout> {
             cpu_time_ns: u64,
             name: [u8; 32],
         }),
+        layout!(EvtchnStatus at "hypercall", "The `evtchn_status` result." {
+            state: u32,
+            remote_dom: u16,
+            _pad: u16,
+            detail: u32,
+            _pad2: u32,
+        }),
+        layout!(GrantCopy at "hypercall", "The `grant_copy` argument." {
+            granter: u16,
+            _pad: u16,
+            gref: u32,
+            offset: u32,
+            len: u32,
+            local_va: u64,
+            flags: u32,
+            _pad2: u32,
+        }),
     ]
 }
 
@@ -244,6 +261,12 @@ fn constants() -> Vec<(&'static str, Vec<Konst>)> {
                 hypercall::DOMSTATE_RUNNING, Dec, "`DomainInfo::state`: running or runnable";
                 hypercall::DOMSTATE_BLOCKED, Dec, "`DomainInfo::state`: blocked";
                 hypercall::DOMSTATE_DEAD, Dec, "`DomainInfo::state`: shut down";
+                hypercall::EVTCHN_STATE_FREE, Dec, "`EvtchnStatus::state`: port not in use";
+                hypercall::EVTCHN_STATE_UNBOUND, Dec, "`EvtchnStatus::state`: allocated for `remote_dom`, not yet bound";
+                hypercall::EVTCHN_STATE_INTERDOMAIN, Dec, "`EvtchnStatus::state`: connected to `remote_dom`:`detail`";
+                hypercall::EVTCHN_STATE_VIRQ, Dec, "`EvtchnStatus::state`: bound to virtual IRQ `detail`";
+                hypercall::EVTCHN_STATE_PIRQ, Dec, "`EvtchnStatus::state`: bound to physical IRQ `detail`";
+                hypercall::GRANT_COPY_TO_GRANTED, Bit, "`GrantCopy::flags`: write into the granted frame";
             },
         ),
         (
