@@ -8,7 +8,9 @@ extern crate alloc;
 
 pub mod builder;
 pub mod cmdline;
+pub mod evtchn;
 pub mod frame;
+pub mod grant;
 pub mod machine;
 pub mod memmap;
 pub mod multiboot;

@@ -3,7 +3,8 @@
 //! many references keep it in that state. Guest page tables are validated
 //! before use, stay read-only to the guest while they are tables, and change
 //! only through [`FrameTable::mmu_update`], so a PV guest can never map memory
-//! that is not its own nor write to its own page tables.
+//! that is not its own (other than frames granted to it, installed by the
+//! hypervisor: see "Foreign mappings" below) nor write to its own page tables.
 //!
 //! The model is a simplified form of Xen's page types:
 //!
@@ -22,8 +23,42 @@
 //! Levels strictly decrease along references (an L(n) entry references an
 //! L(n-1) table), so references can never form a cycle and recursion is at
 //! most four deep.
+//!
+//! # Foreign (grant) mappings
+//!
+//! An L1 entry normally maps a frame of the table's owner. The one way to put
+//! another domain's frame into a domain's L1 is [`FrameTable::map_foreign`],
+//! called by the hypervisor after the grant tables (`crate::grant`) have
+//! authorised the access; [`FrameTable::unmap_foreign`] takes it out again.
+//!
+//! * Foreign entries are recorded in a side table keyed by the entry's machine
+//!   address (`ptr`), so they need no spare PTE bit and cannot be forged: an
+//!   entry is foreign exactly when the side table says so.
+//! * They count in the target's `map_count` (and `writable_count` when RW),
+//!   like any other L1 mapping. So while a frame is mapped by a grantee its
+//!   owner can neither release it (-EBUSY) nor, if it is mapped writable,
+//!   turn it into a page table (-EBUSY).
+//! * [`FrameTable::mmu_update`] cannot create one (the target is not owned:
+//!   -EPERM) nor overwrite or clear one (-EBUSY): only `unmap_foreign` does.
+//!   A foreign frame can never become a page table of the mapper, because
+//!   every non-leaf reference and every pin requires ownership.
+//! * When an L1 holding foreign entries is devalidated (unpin, its last
+//!   reference dropped by `mmu_update`, `put_base` or `teardown`), the
+//!   foreign entries are dropped: their counts go, the entry in memory is
+//!   cleared, and they are reported by [`FrameTable::take_dropped_foreign`]
+//!   so that the caller can release the grant map counts.
+//! * Frame lifetime when the *granter* dies: `teardown` does not free frames
+//!   that other domains still map. They become *orphans*: owned by
+//!   [`Owner::Hypervisor`] (no domain can map or assign them), not returned
+//!   by `teardown`. When the last foreign mapping of an orphan goes (through
+//!   `unmap_foreign` or devalidation of the mapper's L1), it becomes
+//!   [`Owner::Free`] and is reported once by [`FrameTable::take_freed_orphans`].
+//!   The frame table is the single authority on when such a frame may be
+//!   reused; the grant tables only keep the grant bookkeeping.
+//! * [`FrameTable::translate`] (hypercall buffers) only follows frames the
+//!   domain owns, so foreign mappings cannot be used as hypercall buffers.
 
-use alloc::collections::BTreeMap;
+use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
 use shared_abi::{DomId, Errno};
 
@@ -84,7 +119,8 @@ pub struct FrameInfo {
     pub type_refs: u32,
     /// Pinned by its owner with [`FrameTable::pin`].
     pub pinned: bool,
-    /// Present entries of validated L1 tables that point at this frame.
+    /// Present entries of validated L1 tables that point at this frame: the
+    /// owner's own mappings plus other domains' foreign (grant) mappings.
     pub map_count: u32,
     /// Those of `map_count` that have RW.
     pub writable_count: u32,
@@ -104,6 +140,28 @@ impl FrameInfo {
     };
 }
 
+/// A foreign (grant) mapping in an L1 entry, as reported by
+/// [`FrameTable::foreign_mapping`] and [`FrameTable::take_dropped_foreign`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForeignMapping {
+    /// The domain whose L1 table holds the entry.
+    pub mapper: DomId,
+    /// Machine address of the entry (table mfn * 4096 + index * 8).
+    pub ptr: u64,
+    /// The foreign frame it maps.
+    pub mfn: Mfn,
+    /// Mapped with RW.
+    pub writable: bool,
+}
+
+/// What the side table keeps about one foreign entry (the mapper is the
+/// owner of the table holding it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ForeignEntry {
+    mfn: Mfn,
+    writable: bool,
+}
+
 /// Per-frame ownership and type information for frames `0..nr_frames`
 /// (20 bytes per frame).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -112,6 +170,15 @@ pub struct FrameTable {
     hv_l4_entry: u64,
     /// Frames owned per domain, so that [`FrameTable::frames_owned`] is cheap.
     owned: BTreeMap<DomId, u64>,
+    /// Foreign entries of validated L1 tables, by entry machine address.
+    foreign: BTreeMap<u64, ForeignEntry>,
+    /// Foreign entries dropped by devalidation, not yet taken by the caller.
+    dropped: Vec<ForeignMapping>,
+    /// Frames of dead domains kept (as [`Owner::Hypervisor`]) because other
+    /// domains still map them.
+    orphans: BTreeSet<u64>,
+    /// Orphans whose last mapping went; now [`Owner::Free`], not yet taken.
+    freed_orphans: Vec<Mfn>,
 }
 
 impl FrameTable {
@@ -120,7 +187,15 @@ impl FrameTable {
     /// into slot [`HV_L4_SLOT`] of every L4 when it is pinned.
     pub fn new(nr_frames: u64, hv_l4_entry: u64) -> Self {
         let n = usize::try_from(nr_frames).expect("frame count fits in usize");
-        FrameTable { frames: alloc::vec![FrameInfo::HYPERVISOR; n], hv_l4_entry, owned: BTreeMap::new() }
+        FrameTable {
+            frames: alloc::vec![FrameInfo::HYPERVISOR; n],
+            hv_l4_entry,
+            owned: BTreeMap::new(),
+            foreign: BTreeMap::new(),
+            dropped: Vec::new(),
+            orphans: BTreeSet::new(),
+            freed_orphans: Vec::new(),
+        }
     }
 
     /// Changes the entry written into slot [`HV_L4_SLOT`] by later pins.
@@ -241,7 +316,9 @@ impl FrameTable {
     }
 
     /// Drops the pin on `mfn`; the table is devalidated when nothing else
-    /// references it. -EPERM not the domain's frame, -EINVAL not pinned.
+    /// references it (L1s then lose their foreign entries, see
+    /// [`take_dropped_foreign`](Self::take_dropped_foreign)). -EPERM not the
+    /// domain's frame, -EINVAL not pinned.
     pub fn unpin<M: MachineMemory>(&mut self, mem: &mut M, dom: DomId, mfn: Mfn) -> Result<(), Errno> {
         if self.owner(mfn) != Owner::Domain(dom) {
             return Err(Errno::EPERM);
@@ -301,8 +378,13 @@ impl FrameTable {
     ///
     /// Errors: -EINVAL unaligned `ptr`, the frame is not a validated table, or
     /// a bad entry; -EPERM not the domain's table, slot [`HV_L4_SLOT`] of an
-    /// L4, or the entry maps a frame the domain does not own; plus the errors
-    /// of validation (see [`pin`](Self::pin)). On error nothing has changed.
+    /// L4, or the entry maps a frame the domain does not own; -EBUSY the entry
+    /// is a foreign mapping (only [`unmap_foreign`](Self::unmap_foreign) may
+    /// change it); plus the errors of validation (see [`pin`](Self::pin)). On
+    /// error nothing has changed.
+    ///
+    /// Dropping the last reference to an L1 drops its foreign entries: see
+    /// [`take_dropped_foreign`](Self::take_dropped_foreign).
     pub fn mmu_update<M: MachineMemory>(&mut self, mem: &mut M, dom: DomId, ptr: u64, val: u64) -> Result<(), Errno> {
         if ptr & 7 != 0 {
             return Err(Errno::EINVAL);
@@ -320,11 +402,176 @@ impl FrameTable {
         if level == 4 && idx == HV_L4_SLOT {
             return Err(Errno::EPERM);
         }
+        if self.foreign.contains_key(&ptr) {
+            return Err(Errno::EBUSY);
+        }
         self.get_entry(mem, dom, val, level)?;
         let old = mem.read_u64(table, idx);
         self.put_entry(mem, old, level);
         mem.write_u64(table, idx, val);
         Ok(())
+    }
+
+    /// Installs, in `dom`'s validated L1 table entry at machine address
+    /// `ptr`, a mapping of the foreign frame `mfn` owned by `granter`. The
+    /// caller has already authorised it through a grant (see `crate::grant`);
+    /// naming the granter here makes sure the frame still belongs to it (a
+    /// frame released and handed to someone else since the grant was made is
+    /// refused). The entry becomes present, NX, and RW iff `writable`; it
+    /// counts as a mapping of `mfn` (so its owner cannot release it) and can
+    /// only be removed by [`unmap_foreign`](Self::unmap_foreign) or by
+    /// devalidation of the table (see [`take_dropped_foreign`](Self::take_dropped_foreign)).
+    ///
+    /// Errors: -EINVAL unaligned `ptr`, not a validated L1, `granter == dom`
+    /// or `mfn` out of range; -EPERM the table is not `dom`'s or `mfn` is not
+    /// `granter`'s; -EBUSY the entry is present; -EACCES `writable` and `mfn`
+    /// is a page table; -ERANGE a count would overflow. On error nothing has
+    /// changed.
+    pub fn map_foreign<M: MachineMemory>(
+        &mut self,
+        mem: &mut M,
+        dom: DomId,
+        ptr: u64,
+        granter: DomId,
+        mfn: Mfn,
+        writable: bool,
+    ) -> Result<(), Errno> {
+        let (table, idx) = self.l1_slot(dom, ptr)?;
+        if granter == dom {
+            return Err(Errno::EINVAL);
+        }
+        let t = self.slot(mfn).ok_or(Errno::EINVAL)?;
+        if mfn.addr() & !ADDR_MASK != 0 {
+            return Err(Errno::EINVAL);
+        }
+        if self.frames[t].owner != Owner::Domain(granter) {
+            return Err(Errno::EPERM);
+        }
+        if mem.read_u64(table, idx) & P != 0 || self.foreign.contains_key(&ptr) {
+            return Err(Errno::EBUSY);
+        }
+        let f = &mut self.frames[t];
+        if writable && f.ty != FrameType::Writable {
+            return Err(Errno::EACCES);
+        }
+        let map_count = f.map_count.checked_add(1).ok_or(Errno::ERANGE)?;
+        let writable_count = f.writable_count.checked_add(u32::from(writable)).ok_or(Errno::ERANGE)?;
+        f.map_count = map_count;
+        f.writable_count = writable_count;
+        self.foreign.insert(ptr, ForeignEntry { mfn, writable });
+        let rw = if writable { RW } else { 0 };
+        mem.write_u64(table, idx, mfn.addr() | P | rw | PteFlags::NO_EXECUTE.bits());
+        Ok(())
+    }
+
+    /// Removes a mapping made by [`map_foreign`](Self::map_foreign): the
+    /// entry at `ptr` in `dom`'s L1 must be a foreign entry mapping exactly
+    /// `mfn`. The entry is cleared and its counts dropped. If `mfn` is an
+    /// orphan (its owner is dead) and this was its last mapping, it becomes
+    /// free: see [`take_freed_orphans`](Self::take_freed_orphans).
+    ///
+    /// Errors: -EINVAL unaligned `ptr`, not a validated L1, no foreign entry
+    /// there, or it maps another frame; -EPERM the table is not `dom`'s.
+    pub fn unmap_foreign<M: MachineMemory>(&mut self, mem: &mut M, dom: DomId, ptr: u64, mfn: Mfn) -> Result<(), Errno> {
+        let (table, idx) = self.l1_slot(dom, ptr)?;
+        let fe = *self.foreign.get(&ptr).ok_or(Errno::EINVAL)?;
+        if fe.mfn != mfn {
+            return Err(Errno::EINVAL);
+        }
+        self.foreign.remove(&ptr);
+        mem.write_u64(table, idx, 0);
+        self.drop_foreign_ref(fe);
+        Ok(())
+    }
+
+    /// The foreign mapping in the entry at `ptr`, if that entry is one.
+    pub fn foreign_mapping(&self, ptr: u64) -> Option<ForeignMapping> {
+        let fe = self.foreign.get(&ptr)?;
+        let Owner::Domain(mapper) = self.owner(Mfn(ptr / PAGE)) else {
+            debug_assert!(false, "foreign entry {ptr:#x} in a table no domain owns");
+            return None;
+        };
+        Some(ForeignMapping { mapper, ptr, mfn: fe.mfn, writable: fe.writable })
+    }
+
+    /// Number of foreign entries currently installed, in all domains.
+    pub fn foreign_count(&self) -> usize {
+        self.foreign.len()
+    }
+
+    /// Foreign entries removed because the L1 holding them was devalidated
+    /// (unpin, last reference dropped, teardown) since the last call. Their
+    /// counts are already dropped here; the caller releases the matching
+    /// grant map counts (`GrantTables::release_map`).
+    pub fn take_dropped_foreign(&mut self) -> Vec<ForeignMapping> {
+        core::mem::take(&mut self.dropped)
+    }
+
+    /// Orphans (frames of torn-down domains kept because other domains still
+    /// mapped them) whose last mapping has gone since the last call. They
+    /// are [`Owner::Free`] now; give them back to the allocator.
+    pub fn take_freed_orphans(&mut self) -> Vec<Mfn> {
+        core::mem::take(&mut self.freed_orphans)
+    }
+
+    /// Number of orphans still mapped by some domain (owned by
+    /// [`Owner::Hypervisor`] until then).
+    pub fn orphan_count(&self) -> usize {
+        self.orphans.len()
+    }
+
+    /// The (table, index) of the entry at `ptr`, which must be in a
+    /// validated L1 of `dom`.
+    fn l1_slot(&self, dom: DomId, ptr: u64) -> Result<(Mfn, usize), Errno> {
+        if ptr & 7 != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let table = Mfn(ptr / PAGE);
+        let t = self.info(table).filter(|t| t.owner == Owner::Domain(dom)).ok_or(Errno::EPERM)?;
+        if t.ty != FrameType::PageTable(1) || t.type_refs == 0 {
+            return Err(Errno::EINVAL);
+        }
+        Ok((table, ((ptr % PAGE) / 8) as usize))
+    }
+
+    /// Drops the counts a foreign entry held on its target; frees an orphan
+    /// on its last mapping.
+    fn drop_foreign_ref(&mut self, fe: ForeignEntry) {
+        let Some(t) = self.slot(fe.mfn) else {
+            debug_assert!(false, "foreign entry points out of range");
+            return;
+        };
+        let f = &mut self.frames[t];
+        debug_assert!(f.map_count > 0, "map_count underflow on frame {t:#x}");
+        f.map_count = f.map_count.saturating_sub(1);
+        if fe.writable {
+            debug_assert!(f.writable_count > 0, "writable_count underflow on frame {t:#x}");
+            f.writable_count = f.writable_count.saturating_sub(1);
+        }
+        if f.map_count == 0 && self.orphans.remove(&fe.mfn.0) {
+            self.frames[t] = FrameInfo { owner: Owner::Free, ..FrameInfo::HYPERVISOR };
+            self.freed_orphans.push(fe.mfn);
+        }
+    }
+
+    /// Drops every foreign entry of the L1 table `i`, which is being
+    /// devalidated: clears it in memory and reports it.
+    fn drop_foreign_entries<M: MachineMemory>(&mut self, mem: &mut M, i: usize) {
+        let base = i as u64 * PAGE;
+        if self.foreign.range(base..base + PAGE).next().is_none() {
+            return;
+        }
+        let Owner::Domain(mapper) = self.frames[i].owner else {
+            debug_assert!(false, "foreign entries in a table no domain owns");
+            return;
+        };
+        let entries: Vec<(u64, ForeignEntry)> = self.foreign.range(base..base + PAGE).map(|(&p, &fe)| (p, fe)).collect();
+        for (ptr, fe) in entries {
+            self.foreign.remove(&ptr);
+            mem.write_u64(Mfn(i as u64), ((ptr % PAGE) / 8) as usize, 0);
+            self.drop_foreign_ref(fe);
+            self.dropped.push(ForeignMapping { mapper, ptr, mfn: fe.mfn, writable: fe.writable });
+        }
     }
 
     /// Translates the guest virtual address `va` through the tables rooted at
@@ -386,6 +633,13 @@ impl FrameTable {
     /// reference its tables (and CR3 references) hold, and makes all its
     /// frames [`Owner::Free`]. Returns those frames, for the allocator. The
     /// caller must have switched every CPU away from the domain's tables.
+    ///
+    /// Foreign entries in `dom`'s tables are dropped and reported by
+    /// [`take_dropped_foreign`](Self::take_dropped_foreign). Frames of `dom`
+    /// that other domains still map (through grants) are not freed nor
+    /// returned: they become orphans, owned by [`Owner::Hypervisor`], and are
+    /// reported by [`take_freed_orphans`](Self::take_freed_orphans) once
+    /// their last mapping goes.
     pub fn teardown<M: MachineMemory>(&mut self, mem: &mut M, dom: DomId) -> Vec<Mfn> {
         let owner = Owner::Domain(dom);
         for i in 0..self.frames.len() {
@@ -405,9 +659,16 @@ impl FrameTable {
                 }
             }
         }
+        // Whatever mappings remain are other domains' foreign entries.
         let mut freed = Vec::new();
         for (i, f) in self.frames.iter_mut().enumerate() {
-            if f.owner == owner {
+            if f.owner != owner {
+                continue;
+            }
+            if f.map_count > 0 {
+                *f = FrameInfo { map_count: f.map_count, writable_count: f.writable_count, ..FrameInfo::HYPERVISOR };
+                self.orphans.insert(i as u64);
+            } else {
                 *f = FrameInfo { owner: Owner::Free, ..FrameInfo::HYPERVISOR };
                 freed.push(Mfn(i as u64));
             }
@@ -420,7 +681,7 @@ impl FrameTable {
 
     /// Takes a type reference making frame `i` (owned by `dom`) a
     /// `PageTable(level)`, validating it when it was not one yet.
-    fn get_type<M: MachineMemory>(&mut self, mem: &M, dom: DomId, i: usize, level: u8) -> Result<(), Errno> {
+    fn get_type<M: MachineMemory>(&mut self, mem: &mut M, dom: DomId, i: usize, level: u8) -> Result<(), Errno> {
         let f = &mut self.frames[i];
         match f.ty {
             FrameType::PageTable(l) if l == level => {
@@ -449,13 +710,17 @@ impl FrameTable {
     }
 
     /// Drops a type reference of frame `i`, devalidating it on the last one.
-    fn put_type<M: MachineMemory>(&mut self, mem: &M, i: usize) {
+    /// A devalidated L1 loses its foreign entries (see [`Self::take_dropped_foreign`]).
+    fn put_type<M: MachineMemory>(&mut self, mem: &mut M, i: usize) {
         let f = &mut self.frames[i];
         debug_assert!(f.type_refs > 0, "type_refs underflow on frame {i:#x}");
         f.type_refs = f.type_refs.saturating_sub(1);
         if f.type_refs == 0 {
             if let FrameType::PageTable(level) = f.ty {
-                self.for_each_entry(mem, i, level, ENTRIES, |ft, e| ft.put_entry(mem, e, level));
+                if level == 1 {
+                    self.drop_foreign_entries(mem, i);
+                }
+                self.for_each_entry(mem, i, level, ENTRIES, |ft, mem, e| ft.put_entry(mem, e, level));
                 self.frames[i].ty = FrameType::Writable;
             }
         }
@@ -463,14 +728,15 @@ impl FrameTable {
 
     /// Checks every entry of table `i`; on failure drops what the entries
     /// before the bad one took, so that nothing has changed.
-    fn validate<M: MachineMemory>(&mut self, mem: &M, dom: DomId, i: usize, level: u8) -> Result<(), Errno> {
+    fn validate<M: MachineMemory>(&mut self, mem: &mut M, dom: DomId, i: usize, level: u8) -> Result<(), Errno> {
         let table = Mfn(i as u64);
         for idx in 0..ENTRIES {
             if level == 4 && idx == HV_L4_SLOT {
                 continue;
             }
-            if let Err(err) = self.get_entry(mem, dom, mem.read_u64(table, idx), level) {
-                self.for_each_entry(mem, i, level, idx, |ft, e| ft.put_entry(mem, e, level));
+            let e = mem.read_u64(table, idx);
+            if let Err(err) = self.get_entry(mem, dom, e, level) {
+                self.for_each_entry(mem, i, level, idx, |ft, mem, e| ft.put_entry(mem, e, level));
                 return Err(err);
             }
         }
@@ -478,18 +744,19 @@ impl FrameTable {
     }
 
     /// Calls `f` on the entries `0..end` of table `i` that validation counts.
-    fn for_each_entry<M: MachineMemory>(&mut self, mem: &M, i: usize, level: u8, end: usize, mut f: impl FnMut(&mut Self, u64)) {
+    fn for_each_entry<M: MachineMemory>(&mut self, mem: &mut M, i: usize, level: u8, end: usize, mut f: impl FnMut(&mut Self, &mut M, u64)) {
         for idx in 0..end {
             if level == 4 && idx == HV_L4_SLOT {
                 continue;
             }
-            f(self, mem.read_u64(Mfn(i as u64), idx));
+            let e = mem.read_u64(Mfn(i as u64), idx);
+            f(self, mem, e);
         }
     }
 
     /// Validates one entry of a table of `level` and takes the references it
     /// needs. Non-present entries need nothing.
-    fn get_entry<M: MachineMemory>(&mut self, mem: &M, dom: DomId, e: u64, level: u8) -> Result<(), Errno> {
+    fn get_entry<M: MachineMemory>(&mut self, mem: &mut M, dom: DomId, e: u64, level: u8) -> Result<(), Errno> {
         if e & P == 0 {
             return Ok(());
         }
@@ -517,7 +784,7 @@ impl FrameTable {
     }
 
     /// Drops the references a validated entry of a table of `level` holds.
-    fn put_entry<M: MachineMemory>(&mut self, mem: &M, e: u64, level: u8) {
+    fn put_entry<M: MachineMemory>(&mut self, mem: &mut M, e: u64, level: u8) {
         if e & P == 0 {
             return;
         }
@@ -965,10 +1232,184 @@ mod tests {
         ft.copy_to_guest(&mut m, D, Mfn(L4), 0xfff_0000, &[]).unwrap();
     }
 
+    const NX: u64 = PteFlags::NO_EXECUTE.bits();
+
+    #[test]
+    fn map_foreign_installs_and_unmap_foreign_removes() {
+        let (mut ft, mut m) = pinned_guest();
+        let p = ptr(L1, 11);
+        ft.map_foreign(&mut m, D, p, E, Mfn(41), true).unwrap();
+        assert_eq!(m.read_u64(Mfn(L1), 11), pte(41, P | RW | NX));
+        assert_eq!((info(&ft, 41).map_count, info(&ft, 41).writable_count), (1, 1));
+        assert_eq!(ft.foreign_mapping(p), Some(ForeignMapping { mapper: D, ptr: p, mfn: Mfn(41), writable: true }));
+        assert_eq!(ft.foreign_mapping(ptr(L1, 0)), None);
+        assert_eq!(ft.foreign_count(), 1);
+        // While mapped, the granter can neither release it nor make it a table.
+        assert_eq!(ft.release(Mfn(41), E), Err(Errno::EBUSY));
+        assert_eq!(ft.pin(&mut m, E, Mfn(41), 1), Err(Errno::EBUSY));
+        // A read-only foreign mapping, of a frame that is one of E's tables.
+        ft.pin(&mut m, E, Mfn(45), 1).unwrap();
+        assert_eq!(ft.map_foreign(&mut m, D, ptr(L1, 12), E, Mfn(45), true), Err(Errno::EACCES));
+        ft.map_foreign(&mut m, D, ptr(L1, 12), E, Mfn(45), false).unwrap();
+        assert_eq!(m.read_u64(Mfn(L1), 12), pte(45, P | NX));
+        assert_eq!((info(&ft, 45).map_count, info(&ft, 45).writable_count), (1, 0));
+
+        // Every refusal, and none of them changes anything.
+        let before = (ft.clone(), m.frames.clone());
+        let bad = [
+            (D, p + 4, E, 42, false, Errno::EINVAL),         // unaligned
+            (D, ptr(L2, 5), E, 42, false, Errno::EINVAL),    // an L2, not an L1
+            (D, ptr(10, 5), E, 42, false, Errno::EINVAL),    // not a table
+            (D, ptr(45, 5), E, 42, false, Errno::EPERM),     // E's table
+            (D, ptr(HV_FRAME, 5), E, 42, false, Errno::EPERM),
+            (D, u64::MAX - 7, E, 42, false, Errno::EPERM),
+            (D, ptr(L1, 13), D, 20, false, Errno::EINVAL),   // own frame
+            (D, ptr(L1, 13), E, NR, false, Errno::EINVAL),   // out of range
+            (D, ptr(L1, 13), E, 20, false, Errno::EPERM),    // not the granter's
+            (D, ptr(L1, 13), E, HV_FRAME, false, Errno::EPERM),
+            (D, ptr(L1, 13), DomId(9), 42, false, Errno::EPERM),
+            (D, ptr(L1, 0), E, 42, false, Errno::EBUSY),     // present entry
+            (D, p, E, 42, false, Errno::EBUSY),              // already foreign
+            (E, ptr(L1, 13), D, 42, false, Errno::EPERM),    // not E's table
+        ];
+        for (dom, at, granter, mfn, w, err) in bad {
+            assert_eq!(ft.map_foreign(&mut m, dom, at, granter, Mfn(mfn), w), Err(err), "{at:#x} {mfn}");
+            assert!(ft.unmap_foreign(&mut m, dom, at, Mfn(mfn)).is_err());
+        }
+        assert_eq!(ft.unmap_foreign(&mut m, D, p, Mfn(42)), Err(Errno::EINVAL)); // other frame
+        assert_eq!(ft.unmap_foreign(&mut m, D, ptr(L1, 0), Mfn(10)), Err(Errno::EINVAL)); // own entry
+        assert_eq!(ft.unmap_foreign(&mut m, D, p + 4, Mfn(41)), Err(Errno::EINVAL));
+        assert_eq!(ft.unmap_foreign(&mut m, E, p, Mfn(41)), Err(Errno::EPERM));
+        assert!((ft.clone(), m.frames.clone()) == before);
+
+        ft.unmap_foreign(&mut m, D, p, Mfn(41)).unwrap();
+        assert_eq!(m.read_u64(Mfn(L1), 11), 0);
+        assert_eq!((info(&ft, 41).map_count, info(&ft, 41).writable_count), (0, 0));
+        assert_eq!(ft.unmap_foreign(&mut m, D, p, Mfn(41)), Err(Errno::EINVAL));
+        ft.unmap_foreign(&mut m, D, ptr(L1, 12), Mfn(45)).unwrap();
+        assert_eq!(ft.foreign_count(), 0);
+        assert_eq!(ft.take_dropped_foreign(), Vec::new()); // explicit unmaps are not reported
+        ft.release(Mfn(41), E).unwrap();
+        // The slot is an ordinary entry again.
+        ft.mmu_update(&mut m, D, p, pte(20, P)).unwrap();
+    }
+
+    #[test]
+    fn mmu_update_cannot_create_change_or_remove_foreign_entries() {
+        let (mut ft, mut m) = pinned_guest();
+        let p = ptr(L1, 11);
+        ft.map_foreign(&mut m, D, p, E, Mfn(41), false).unwrap();
+        let before = (ft.clone(), m.frames.clone());
+        for val in [0, pte(20, P), pte(20, P | RW), pte(41, P), pte(41, P | NX), pte(41, P | RW | NX), !P] {
+            assert_eq!(ft.mmu_update(&mut m, D, p, val), Err(Errno::EBUSY), "{val:#x}");
+        }
+        // Creating one directly, or using a foreign frame as a table, is refused.
+        assert_eq!(ft.mmu_update(&mut m, D, ptr(L1, 12), pte(41, P)), Err(Errno::EPERM));
+        assert_eq!(ft.mmu_update(&mut m, D, ptr(L2, 1), pte(41, P)), Err(Errno::EPERM));
+        assert_eq!(ft.pin(&mut m, D, Mfn(41), 1), Err(Errno::EPERM));
+        // Hypercall buffers never resolve to a foreign frame.
+        assert_eq!(ft.translate(&m, D, Mfn(L4), 0xb000, false), Err(Errno::EFAULT));
+        assert!((ft.clone(), m.frames.clone()) == before);
+        // Neighbouring entries still work.
+        ft.mmu_update(&mut m, D, ptr(L1, 12), pte(21, P | RW)).unwrap();
+        assert_eq!(ft.foreign_mapping(p).map(|f| f.mfn), Some(Mfn(41)));
+    }
+
+    #[test]
+    fn devalidating_an_l1_drops_and_reports_its_foreign_entries() {
+        // Through unpin.
+        let (mut ft, mut m) = pinned_guest();
+        ft.map_foreign(&mut m, D, ptr(L1, 11), E, Mfn(41), true).unwrap();
+        ft.map_foreign(&mut m, D, ptr(L1, 12), E, Mfn(42), false).unwrap();
+        ft.unpin(&mut m, D, Mfn(L4)).unwrap();
+        let mut dropped = ft.take_dropped_foreign();
+        dropped.sort_by_key(|f| f.ptr);
+        assert_eq!(
+            dropped,
+            vec![
+                ForeignMapping { mapper: D, ptr: ptr(L1, 11), mfn: Mfn(41), writable: true },
+                ForeignMapping { mapper: D, ptr: ptr(L1, 12), mfn: Mfn(42), writable: false },
+            ]
+        );
+        assert_eq!(ft.take_dropped_foreign(), Vec::new());
+        assert_eq!((m.read_u64(Mfn(L1), 11), m.read_u64(Mfn(L1), 12)), (0, 0));
+        assert_eq!((info(&ft, 41).map_count, info(&ft, 41).writable_count, info(&ft, 42).map_count), (0, 0, 0));
+        assert_eq!(ft.foreign_count(), 0);
+        // The old L1 re-validates cleanly (nothing foreign was left in it).
+        ft.pin(&mut m, D, Mfn(L4), 4).unwrap();
+
+        // Through mmu_update unhooking the L1; a pinned L1 keeps them.
+        ft.map_foreign(&mut m, D, ptr(L1, 11), E, Mfn(41), true).unwrap();
+        ft.pin(&mut m, D, Mfn(L1), 1).unwrap();
+        ft.mmu_update(&mut m, D, ptr(L2, 0), 0).unwrap();
+        assert_eq!(ft.take_dropped_foreign(), Vec::new());
+        assert_eq!(info(&ft, 41).map_count, 1);
+        ft.unpin(&mut m, D, Mfn(L1)).unwrap();
+        assert_eq!(ft.take_dropped_foreign().len(), 1);
+        assert_eq!(info(&ft, 41).map_count, 0);
+        assert_eq!(ft.unmap_foreign(&mut m, D, ptr(L1, 11), Mfn(41)), Err(Errno::EINVAL));
+    }
+
+    #[test]
+    fn teardown_reports_foreign_entries_and_keeps_mapped_frames_as_orphans() {
+        let (mut ft, mut m) = pinned_guest();
+        // D maps E's 41 (RW) and 42 (RO); E maps D's 30 in its own L1 (45).
+        ft.map_foreign(&mut m, D, ptr(L1, 11), E, Mfn(41), true).unwrap();
+        ft.map_foreign(&mut m, D, ptr(L1, 12), E, Mfn(42), false).unwrap();
+        ft.pin(&mut m, E, Mfn(45), 1).unwrap();
+        ft.map_foreign(&mut m, E, ptr(45, 0), D, Mfn(30), false).unwrap();
+
+        // E dies: its mapping of 30 is reported, 41 and 42 stay as orphans.
+        let mut freed = ft.teardown(&mut m, E);
+        freed.sort();
+        assert_eq!(freed, [43, 44, 45, 46, 47, 48, 49, 50].map(Mfn).to_vec());
+        assert_eq!(
+            ft.take_dropped_foreign(),
+            vec![ForeignMapping { mapper: E, ptr: ptr(45, 0), mfn: Mfn(30), writable: false }]
+        );
+        assert_eq!(info(&ft, 30).map_count, 0);
+        assert_eq!(ft.orphan_count(), 2);
+        assert_eq!(ft.frames_owned(E), 0);
+        let o = info(&ft, 41);
+        assert_eq!((o.owner, o.map_count, o.writable_count), (Owner::Hypervisor, 1, 1));
+        assert_eq!(ft.take_freed_orphans(), Vec::new());
+        // Nobody can take or map an orphan meanwhile.
+        assert_eq!(ft.assign(Mfn(41), D), Err(Errno::EBUSY));
+        assert_eq!(ft.release(Mfn(41), E), Err(Errno::EPERM));
+        assert_eq!(ft.map_foreign(&mut m, D, ptr(L1, 13), E, Mfn(41), false), Err(Errno::EPERM));
+        assert_eq!(ft.mmu_update(&mut m, D, ptr(L1, 13), pte(41, P)), Err(Errno::EPERM));
+        // A frame E gave back is not E's any more either.
+        assert_eq!(ft.map_foreign(&mut m, D, ptr(L1, 13), E, Mfn(43), false), Err(Errno::EPERM));
+
+        // D unmaps 41: it is free now, reported once.
+        ft.unmap_foreign(&mut m, D, ptr(L1, 11), Mfn(41)).unwrap();
+        assert_eq!(ft.take_freed_orphans(), vec![Mfn(41)]);
+        assert_eq!(ft.take_freed_orphans(), Vec::new());
+        assert_eq!(info(&ft, 41), FrameInfo { owner: Owner::Free, ..FrameInfo::HYPERVISOR });
+        assert_eq!(ft.orphan_count(), 1);
+
+        // D dies: its mapping of 42 is reported and 42 is freed with it.
+        let freed = ft.teardown(&mut m, D);
+        assert_eq!(freed.len(), 40);
+        assert_eq!(
+            ft.take_dropped_foreign(),
+            vec![ForeignMapping { mapper: D, ptr: ptr(L1, 12), mfn: Mfn(42), writable: false }]
+        );
+        assert_eq!(ft.take_freed_orphans(), vec![Mfn(42)]);
+        assert_eq!(ft.orphan_count(), 0);
+        assert_eq!(ft.foreign_count(), 0);
+        for f in 0..NR {
+            let i = info(&ft, f);
+            assert_eq!((i.type_refs, i.map_count, i.writable_count), (0, 0, 0), "frame {f}");
+        }
+        ft.assign(Mfn(42), D).unwrap();
+    }
+
     /// Recomputes every count from the tables in memory and compares.
     fn check_consistent(ft: &FrameTable, m: &FakeMachine) -> Result<(), TestCaseError> {
         let n = ft.nr_frames() as usize;
         let (mut refs, mut maps, mut writable) = (vec![0u32; n], vec![0u32; n], vec![0u32; n]);
+        let mut foreign = 0;
         for f in 0..n {
             let i = info(ft, f as u64);
             refs[f] += u32::from(i.pinned);
@@ -980,12 +1421,23 @@ mod tests {
             let mut bytes = [0u8; 4096];
             m.read_bytes(Mfn(f as u64), 0, &mut bytes);
             for (idx, e) in bytes.chunks(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).enumerate() {
+                let at = f as u64 * PAGE + idx as u64 * 8;
                 if e & P == 0 || (level == 4 && idx == HV_L4_SLOT) {
+                    prop_assert!(ft.foreign_mapping(at).is_none());
                     continue;
                 }
                 let t = ((e & ADDR_MASK) >> 12) as usize;
                 prop_assert!(t < n);
-                prop_assert_eq!(ft.owner(Mfn(t as u64)), i.owner);
+                if let Some(fm) = ft.foreign_mapping(at) {
+                    prop_assert_eq!(level, 1);
+                    prop_assert_eq!(fm.mfn, Mfn(t as u64));
+                    prop_assert_eq!(fm.writable, e & RW != 0);
+                    prop_assert_eq!(Owner::Domain(fm.mapper), i.owner);
+                    prop_assert!(ft.owner(fm.mfn) != i.owner);
+                    foreign += 1;
+                } else {
+                    prop_assert_eq!(ft.owner(Mfn(t as u64)), i.owner);
+                }
                 if level == 1 {
                     maps[t] += 1;
                     writable[t] += u32::from(e & RW != 0);
@@ -1000,6 +1452,7 @@ mod tests {
             prop_assert!(!(matches!(i.ty, FrameType::PageTable(_)) && i.writable_count > 0), "frame {} {:?}", f, i);
             prop_assert_eq!((i.type_refs, i.map_count, i.writable_count), (refs[f], maps[f], writable[f]), "frame {}", f);
         }
+        prop_assert_eq!(foreign, ft.foreign_count());
         Ok(())
     }
 
@@ -1009,6 +1462,8 @@ mod tests {
         Pin { mfn: u64, level: u8 },
         Unpin { mfn: u64 },
         Release { mfn: u64 },
+        MapForeign { table: u64, idx: usize, writable: bool },
+        UnmapForeign { table: u64, idx: usize },
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -1020,6 +1475,10 @@ mod tests {
             2 => (1..=10u64, 1..=4u8).prop_map(|(mfn, level)| Op::Pin { mfn, level }),
             1 => (1..=10u64).prop_map(|mfn| Op::Unpin { mfn }),
             1 => (1..=10u64).prop_map(|mfn| Op::Release { mfn }),
+            2 => (1..=10u64, prop::sample::select(vec![0usize, 1, 2, 511]), any::<bool>())
+                .prop_map(|(table, idx, writable)| Op::MapForeign { table, idx, writable }),
+            1 => (1..=10u64, prop::sample::select(vec![0usize, 1, 2, 511]))
+                .prop_map(|(table, idx)| Op::UnmapForeign { table, idx }),
         ]
     }
 
@@ -1030,7 +1489,7 @@ mod tests {
         /// frame is both a page table and writable-mapped, and a refused
         /// request changes nothing.
         #[test]
-        fn random_updates_keep_the_invariants(ops in prop::collection::vec(op(), 1..80)) {
+        fn random_updates_keep_the_invariants(ops in prop::collection::vec(op(), 1..80), e_dies_first in any::<bool>()) {
             let mut ft = FrameTable::new(13, HV_ENTRY);
             for f in 1..=10 {
                 ft.assign(Mfn(f), D).unwrap();
@@ -1047,6 +1506,11 @@ mod tests {
                     Op::Pin { mfn, level } => ft.pin(&mut m, D, Mfn(mfn), level),
                     Op::Unpin { mfn } => ft.unpin(&mut m, D, Mfn(mfn)),
                     Op::Release { mfn } => ft.release(Mfn(mfn), D),
+                    // Frame 11 is E's, granted to D.
+                    Op::MapForeign { table, idx, writable } => {
+                        ft.map_foreign(&mut m, D, ptr(table, idx as u64), E, Mfn(11), writable)
+                    }
+                    Op::UnmapForeign { table, idx } => ft.unmap_foreign(&mut m, D, ptr(table, idx as u64), Mfn(11)),
                 };
                 if r.is_err() {
                     prop_assert_eq!(&ft, &ft_before);
@@ -1054,9 +1518,23 @@ mod tests {
                 }
                 check_consistent(&ft, &m)?;
             }
+            // Every foreign entry is either still installed or was reported.
+            let dropped = ft.take_dropped_foreign();
+            prop_assert!(dropped.iter().all(|d| d.mapper == D && d.mfn == Mfn(11)));
+            let mapped = info(&ft, 11).map_count;
+            prop_assert_eq!(mapped as usize, ft.foreign_count());
+            if e_dies_first {
+                prop_assert_eq!(ft.teardown(&mut m, E).len(), usize::from(mapped == 0));
+                prop_assert_eq!(ft.orphan_count(), usize::from(mapped > 0));
+            }
             let owned = ft.frames_owned(D);
             let freed = ft.teardown(&mut m, D);
             prop_assert_eq!(freed.len() as u64, owned);
+            prop_assert_eq!(ft.take_dropped_foreign().len(), mapped as usize);
+            prop_assert_eq!(ft.foreign_count(), 0);
+            prop_assert_eq!(ft.orphan_count(), 0);
+            let orphans_freed = ft.take_freed_orphans();
+            prop_assert_eq!(orphans_freed.len(), usize::from(e_dies_first && mapped > 0));
             prop_assert_eq!(ft.frames_owned(D), 0);
             prop_assert!(freed.iter().all(|f| (1..=10).contains(&f.0)));
             for f in 0..13 {

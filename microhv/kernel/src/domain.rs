@@ -10,10 +10,12 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use microhv_core::builder::{self, DomainConfig};
 use microhv_core::cmdline::Cmdline;
+use microhv_core::evtchn::{EventChannels, DEFAULT_MAX_PORTS};
+use microhv_core::grant::{GrantTables, DEFAULT_MAX_GRANTS};
 use microhv_core::machine::MachineMemory;
 use microhv_core::pvmm::FrameTable;
 use microhv_core::sched::{Decision, Scheduler, VcpuId, DEFAULT_WEIGHT};
-use shared_abi::hypercall::{DomainInfo, DOMSTATE_BLOCKED, DOMSTATE_DEAD, DOMSTATE_RUNNING, VIRQ_COUNT};
+use shared_abi::hypercall::{DomainInfo, DOMSTATE_BLOCKED, DOMSTATE_DEAD, DOMSTATE_RUNNING};
 use shared_abi::shared_info::{tsc_scale, SharedInfo, VcpuInfo};
 use shared_abi::{DomId, Errno, Mfn};
 use spin::Mutex;
@@ -69,9 +71,6 @@ pub struct Domain {
     pub max_pages: u64,
     pub shared_info: Mfn,
     pub ended: Option<EndReason>,
-    /// VIRQ -> bound port.
-    pub virq_ports: [u32; VIRQ_COUNT as usize],
-    pub next_port: u32,
     pub console_line: Vec<u8>,
     pub cpu_ns: u64,
 }
@@ -79,6 +78,8 @@ pub struct Domain {
 pub struct Hv {
     pub domains: Vec<Domain>,
     pub frames: FrameTable,
+    pub evtchn: EventChannels,
+    pub grants: GrantTables,
     pub sched: Scheduler,
     /// Index of the domain whose vCPU is on the CPU.
     pub current: Option<usize>,
@@ -280,8 +281,6 @@ fn create(hv: &mut Hv, id: DomId, file: &[u8], args: &str, privileged: bool) -> 
         max_pages,
         shared_info: built.shared_info_mfn,
         ended: None,
-        virq_ports: [0; VIRQ_COUNT as usize],
-        next_port: 1,
         console_line: Vec::new(),
         cpu_ns: 0,
     };
@@ -297,6 +296,8 @@ fn create(hv: &mut Hv, id: DomId, file: &[u8], args: &str, privileged: bool) -> 
         if privileged { ", privileged" } else { "" }
     );
     let idx = hv.domains.len();
+    let _ = hv.evtchn.add_domain(id, DEFAULT_MAX_PORTS);
+    let _ = hv.grants.add_domain(id, DEFAULT_MAX_GRANTS);
     hv.domains.push(dom);
     hv.sched.add(VcpuId(idx), weight);
     Ok(idx)
@@ -307,6 +308,8 @@ pub fn start(modules: &[(&'static [u8], String)], hv_l4_entry: u64) -> ! {
     let mut hv = Hv {
         domains: Vec::new(),
         frames: FrameTable::new(mm::frame_limit(), hv_l4_entry),
+        evtchn: EventChannels::new(),
+        grants: GrantTables::new(),
         sched: Scheduler::new(),
         current: None,
         slice_end: 0,
@@ -442,15 +445,61 @@ pub fn bounce(hv: &mut Hv, cur: usize, handler: u64, err: Option<u64>) -> Result
 
 /// Raises VIRQ `virq` for a domain: marks its port pending and wakes it.
 pub fn send_virq(hv: &mut Hv, idx: usize, virq: u64) {
-    let d = &mut hv.domains[idx];
-    let port = d.virq_ports.get(virq as usize).copied().unwrap_or(0);
-    let due = port != 0 && d.raise_port(port);
-    if due || port == 0 {
+    match hv.evtchn.virq_port(hv.domains[idx].id, virq as u32) {
+        Some(port) => raise(hv, idx, port),
         // Without a bound port the timer still wakes a blocked vCPU.
-        if d.vcpu.polling && due {
+        None => hv.sched.wake(VcpuId(idx)),
+    }
+}
+
+/// Marks `port` of domain `idx` pending; wakes the domain when that makes an
+/// upcall due.
+pub fn raise(hv: &mut Hv, idx: usize, port: u32) {
+    let d = &mut hv.domains[idx];
+    if d.ended.is_some() {
+        return;
+    }
+    if d.raise_port(port) {
+        if d.vcpu.polling {
             d.vcpu.regs.rax = 1;
         }
         hv.sched.wake(VcpuId(idx));
+    }
+}
+
+/// The index of the live domain `id`.
+pub fn index_of(hv: &Hv, id: DomId) -> Option<usize> {
+    hv.domains.iter().position(|d| d.id == id && d.ended.is_none())
+}
+
+/// Clears a port's mask bit; raises the upcall if it was pending.
+pub fn unmask(hv: &mut Hv, idx: usize, port: u32) {
+    let d = &hv.domains[idx];
+    let w = port as usize / 64;
+    let bit = 1u64 << (port % 64);
+    let m_off = OFF_EVT_MASK + w * 8;
+    si_set_u64(d.shared_info, m_off, si_u64(d.shared_info, m_off) & !bit);
+    if si_u64(d.shared_info, OFF_EVT_PENDING + w * 8) & bit != 0 {
+        let sel = si_u64(d.shared_info, OFF_SEL);
+        si_set_u64(d.shared_info, OFF_SEL, sel | (1 << w));
+        si_set_u8(d.shared_info, OFF_PENDING, 1);
+        hv.sched.wake(VcpuId(idx));
+    }
+}
+
+/// Gives back the grant map counts of foreign mappings that the frame table
+/// dropped (tables devalidated or torn down), and frees orphaned frames of
+/// dead granters whose last mapping is gone.
+pub fn settle_grants(hv: &mut Hv) {
+    for m in hv.frames.take_dropped_foreign() {
+        if let Some((granter, gref)) = hv.grants.find_mapping(m.mapper, m.mfn, m.writable) {
+            let _ = hv.grants.release_map(granter, gref, m.mapper, m.writable);
+        }
+    }
+    for f in hv.frames.take_freed_orphans() {
+        if let Err(e) = mm::free_frame(microhv_core::frame::Mfn(f.0)) {
+            log::error!("orphaned frame {:#x} could not be freed: {e:?}", f.0);
+        }
     }
 }
 
@@ -465,8 +514,16 @@ pub fn end(hv: &mut Hv, idx: usize, reason: EndReason) {
     }
     flush_console(&mut hv.domains[idx]);
     let id = hv.domains[idx].id;
+    // Order: page tables first (which reports the grant mappings it drops),
+    // then the grant map counts, then the domain's own grants and channels.
     let freed = hv.frames.teardown(&mut Identity, id);
+    settle_grants(hv);
+    let still_mapped = hv.grants.remove_domain(id);
+    let peers = hv.evtchn.remove_domain(id);
     let n = freed.len();
+    if !still_mapped.is_empty() {
+        log::info!("domain {}: {} granted frames stay until their grantees unmap them", id.0, still_mapped.len());
+    }
     for f in freed {
         if let Err(e) = mm::free_frame(microhv_core::frame::Mfn(f.0)) {
             log::error!("domain {}: frame {:#x} could not be freed: {e:?}", id.0, f.0);
@@ -482,6 +539,13 @@ pub fn end(hv: &mut Hv, idx: usize, reason: EndReason) {
     }
     d.ended = Some(reason);
     hv.sched.remove(VcpuId(idx));
+    settle_grants(hv);
+    // Tell the peers of its interdomain channels (they are unbound now).
+    for (peer, port) in peers {
+        if let Some(p) = index_of(hv, peer) {
+            raise(hv, p, port);
+        }
+    }
 }
 
 pub fn flush_console(d: &mut Domain) {

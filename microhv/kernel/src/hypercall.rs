@@ -151,7 +151,9 @@ fn dispatch(hv: &mut Hv, cur: usize, call: Call) -> Outcome {
         }
         Call::UnpinTable { mfn } => {
             let id = hv.domains[cur].id;
-            Ret(hv.frames.unpin(&mut Identity, id, mfn).map(|_| 0))
+            let r = hv.frames.unpin(&mut Identity, id, mfn).map(|_| 0);
+            domain::settle_grants(hv);
+            Ret(r)
         }
         Call::SetPtBase { mfn } => {
             // Hold a reference on the new base so that unpinning it while
@@ -164,6 +166,7 @@ fn dispatch(hv: &mut Hv, cur: usize, call: Call) -> Outcome {
                 Ok(()) => {
                     hv.domains[cur].vcpu.cr3 = mfn;
                     let _ = hv.frames.put_base(&mut Identity, id, old);
+                    domain::settle_grants(hv);
                     Ret(Ok(0))
                 }
                 Err(e) => Ret(Err(e)),
@@ -192,19 +195,110 @@ fn dispatch(hv: &mut Hv, cur: usize, call: Call) -> Outcome {
             Ret(Ok(0))
         }
         Call::EvtchnBindVirq { virq } => {
-            let d = &mut hv.domains[cur];
-            let Some(slot) = d.virq_ports.get_mut(virq as usize) else { return Ret(Err(Errno::EINVAL)) };
-            if *slot != 0 {
-                return Ret(Err(Errno::EEXIST));
+            if virq >= VIRQ_COUNT {
+                return Ret(Err(Errno::EINVAL));
             }
-            let port = d.next_port;
-            if port as usize >= shared_abi::shared_info::EVTCHN_PORTS {
-                return Ret(Err(Errno::ENOSPC));
-            }
-            d.next_port += 1;
-            *slot = port;
-            Ret(Ok(port as u64))
+            let id = hv.domains[cur].id;
+            Ret(hv.evtchn.bind_virq(id, virq as u32, VIRQ_COUNT as u32).map(u64::from))
         }
+        Call::EvtchnAllocUnbound { remote } => {
+            let id = hv.domains[cur].id;
+            if domain::index_of(hv, remote).is_none() {
+                return Ret(Err(Errno::ESRCH));
+            }
+            Ret(hv.evtchn.alloc_unbound(id, remote).map(u64::from))
+        }
+        Call::EvtchnBindInterdomain { remote, remote_port } => {
+            let id = hv.domains[cur].id;
+            if domain::index_of(hv, remote).is_none() {
+                return Ret(Err(Errno::ESRCH));
+            }
+            let rp = u32::try_from(remote_port).map_err(|_| Errno::EINVAL);
+            Ret(rp.and_then(|rp| hv.evtchn.bind_interdomain(id, remote, rp)).map(u64::from))
+        }
+        Call::EvtchnSend { port } => {
+            let id = hv.domains[cur].id;
+            let Ok(port) = u32::try_from(port) else { return Ret(Err(Errno::EINVAL)) };
+            match hv.evtchn.send(id, port) {
+                Ok((rd, rp)) => {
+                    if let Some(r) = domain::index_of(hv, rd) {
+                        domain::raise(hv, r, rp);
+                    }
+                    Ret(Ok(0))
+                }
+                Err(e) => Ret(Err(e)),
+            }
+        }
+        Call::EvtchnClose { port } => {
+            let id = hv.domains[cur].id;
+            let Ok(port) = u32::try_from(port) else { return Ret(Err(Errno::EINVAL)) };
+            let peer = match hv.evtchn.status(id, port) {
+                Ok(microhv_core::evtchn::ChannelState::Interdomain { remote, remote_port }) => Some((remote, remote_port)),
+                _ => None,
+            };
+            let r = hv.evtchn.close(id, port);
+            if let (Ok(()), Some((rd, rp))) = (r, peer) {
+                if let Some(i) = domain::index_of(hv, rd) {
+                    domain::raise(hv, i, rp);
+                }
+            }
+            Ret(r.map(|_| 0))
+        }
+        Call::EvtchnStatus { port, out } => {
+            use microhv_core::evtchn::ChannelState::*;
+            let id = hv.domains[cur].id;
+            let Ok(port) = u32::try_from(port) else { return Ret(Err(Errno::EINVAL)) };
+            let st = match hv.evtchn.status(id, port) {
+                Ok(s) => s,
+                Err(e) => return Ret(Err(e)),
+            };
+            let (state, dom, detail) = match st {
+                Free => (EVTCHN_STATE_FREE, 0, 0),
+                Unbound { remote } => (EVTCHN_STATE_UNBOUND, remote.0, 0),
+                Interdomain { remote, remote_port } => (EVTCHN_STATE_INTERDOMAIN, remote.0, remote_port),
+                Virq(v) => (EVTCHN_STATE_VIRQ, 0, v),
+                Pirq(p) => (EVTCHN_STATE_PIRQ, 0, p),
+            };
+            let mut b = [0u8; 16];
+            b[0..4].copy_from_slice(&state.to_le_bytes());
+            b[4..6].copy_from_slice(&dom.to_le_bytes());
+            b[8..12].copy_from_slice(&detail.to_le_bytes());
+            Ret(write_guest(hv, cur, out, &b).map(|_| 0))
+        }
+        Call::EvtchnUnmask { port } => {
+            let Ok(port) = u32::try_from(port) else { return Ret(Err(Errno::EINVAL)) };
+            if port as usize >= shared_abi::shared_info::EVTCHN_PORTS {
+                return Ret(Err(Errno::EINVAL));
+            }
+            domain::unmask(hv, cur, port);
+            Ret(Ok(0))
+        }
+        Call::GrantAccess { grantee, frame, readonly } => {
+            let id = hv.domains[cur].id;
+            if readonly > 1 {
+                return Ret(Err(Errno::EINVAL));
+            }
+            if domain::index_of(hv, grantee).is_none() {
+                return Ret(Err(Errno::ESRCH));
+            }
+            if hv.frames.owner(frame) != microhv_core::pvmm::Owner::Domain(id) {
+                return Ret(Err(Errno::EPERM));
+            }
+            // Only ordinary data frames: never page tables or shared_info.
+            let plain = hv.frames.info(frame).is_some_and(|i| i.ty == microhv_core::pvmm::FrameType::Writable && !i.special);
+            if !plain {
+                return Ret(Err(Errno::EACCES));
+            }
+            Ret(hv.grants.grant(id, grantee, frame, readonly == 1).map(u64::from))
+        }
+        Call::GrantEnd { gref } => {
+            let id = hv.domains[cur].id;
+            let Ok(gref) = u32::try_from(gref) else { return Ret(Err(Errno::EINVAL)) };
+            Ret(hv.grants.end(id, gref).map(|_| 0))
+        }
+        Call::GrantMap { granter, gref, va, writable } => Ret(grant_map(hv, cur, granter, gref, va, writable)),
+        Call::GrantUnmap { granter, gref, va } => Ret(grant_unmap(hv, cur, granter, gref, va)),
+        Call::GrantCopy { op } => Ret(grant_copy(hv, cur, op)),
         Call::DomctlList { out, max } => {
             let n = hv.domains.len();
             let k = (max as usize).min(n);
@@ -306,6 +400,8 @@ fn mmu_update(hv: &mut Hv, cur: usize, reqs: GuestVa, count: u64, done: GuestVa)
         }
         applied += 1;
     }
+    // Unhooking a table may have dropped grant mappings.
+    domain::settle_grants(hv);
     if done.0 != 0 {
         write_guest(hv, cur, done, &applied.to_le_bytes())?;
     }
@@ -360,4 +456,94 @@ fn iret(hv: &mut Hv, cur: usize) -> Result<(), Errno> {
         regs.ss = cpu::GUEST_KERNEL_DS as u64;
     }
     Ok(())
+}
+
+/// Machine address of the L1 entry that maps `va` in the caller's current
+/// tables (the L1 table must exist; the entry itself may be empty).
+fn l1_entry(hv: &Hv, cur: usize, va: GuestVa) -> Result<u64, Errno> {
+    use microhv_core::machine::MachineMemory;
+    use microhv_core::pvmm::Owner;
+    let d = &hv.domains[cur];
+    if va.0 % 4096 != 0 || va.0 >= HYPERVISOR_VA_START || !microhv_core::paging::is_canonical(va.0) {
+        return Err(Errno::EINVAL);
+    }
+    let mut table = d.vcpu.cr3;
+    for level in (2..=4u32).rev() {
+        if hv.frames.owner(table) != Owner::Domain(d.id) {
+            return Err(Errno::EFAULT);
+        }
+        let e = Identity.read_u64(table, microhv_core::paging::index(va.0, level));
+        if e & 1 == 0 || e & (1 << 7) != 0 {
+            return Err(Errno::ENOENT);
+        }
+        table = Mfn((e & microhv_core::paging::ADDR_MASK) >> 12);
+    }
+    if hv.frames.owner(table) != Owner::Domain(d.id) {
+        return Err(Errno::EFAULT);
+    }
+    Ok(table.addr() + microhv_core::paging::index(va.0, 1) as u64 * 8)
+}
+
+fn grant_map(hv: &mut Hv, cur: usize, granter: shared_abi::DomId, gref: u64, va: GuestVa, writable: u64) -> Result<u64, Errno> {
+    let id = hv.domains[cur].id;
+    let gref = u32::try_from(gref).map_err(|_| Errno::EINVAL)?;
+    if writable > 1 {
+        return Err(Errno::EINVAL);
+    }
+    let write = writable == 1;
+    let ptr = l1_entry(hv, cur, va)?;
+    let mfn = hv.grants.acquire_map(granter, gref, id, write)?;
+    if let Err(e) = hv.frames.map_foreign(&mut Identity, id, ptr, granter, mfn, write) {
+        let _ = hv.grants.release_map(granter, gref, id, write);
+        return Err(e);
+    }
+    Ok(0)
+}
+
+fn grant_unmap(hv: &mut Hv, cur: usize, granter: shared_abi::DomId, gref: u64, va: GuestVa) -> Result<u64, Errno> {
+    use microhv_core::machine::MachineMemory;
+    let id = hv.domains[cur].id;
+    let gref = u32::try_from(gref).map_err(|_| Errno::EINVAL)?;
+    let ptr = l1_entry(hv, cur, va)?;
+    let entry = Identity.read_u64(Mfn(ptr >> 12), ((ptr & 0xfff) / 8) as usize);
+    if entry & 1 == 0 {
+        return Err(Errno::EINVAL);
+    }
+    let mfn = Mfn((entry & microhv_core::paging::ADDR_MASK) >> 12);
+    let write = entry & 2 != 0;
+    // The mapping must be of this very grant.
+    match hv.grants.entry(granter, gref) {
+        Some(g) if g.mfn == mfn && g.grantee == id => {}
+        _ => return Err(Errno::EINVAL),
+    }
+    hv.frames.unmap_foreign(&mut Identity, id, ptr, mfn)?;
+    hv.grants.release_map(granter, gref, id, write)?;
+    domain::settle_grants(hv);
+    Ok(0)
+}
+
+fn grant_copy(hv: &mut Hv, cur: usize, op: GuestVa) -> Result<u64, Errno> {
+    use microhv_core::machine::MachineMemory;
+    let mut b = [0u8; 32];
+    read_guest(hv, cur, op, &mut b)?;
+    let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+    let granter = shared_abi::DomId(u16::from_le_bytes([b[0], b[1]]));
+    let (gref, offset, len) = (u32_at(4), u32_at(8) as usize, u32_at(12) as usize);
+    let local = GuestVa(u64::from_le_bytes(b[16..24].try_into().unwrap()));
+    let flags = u32_at(24);
+    if flags & !GRANT_COPY_TO_GRANTED != 0 || offset.checked_add(len).is_none_or(|e| e > 4096) {
+        return Err(Errno::EINVAL);
+    }
+    let to_granted = flags & GRANT_COPY_TO_GRANTED != 0;
+    let id = hv.domains[cur].id;
+    let mfn = hv.grants.check(granter, gref, id, to_granted)?;
+    let mut buf = vec![0u8; len];
+    if to_granted {
+        read_guest(hv, cur, local, &mut buf)?;
+        Identity.write_bytes(mfn, offset, &buf);
+    } else {
+        Identity.read_bytes(mfn, offset, &mut buf);
+        write_guest(hv, cur, local, &buf)?;
+    }
+    Ok(len as u64)
 }
