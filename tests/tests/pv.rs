@@ -64,6 +64,8 @@ const ATTACKS: &[&str] = &[
     "bad-pointers",
     "unknown-hypercall",
     "balloon",
+    "evtchn",
+    "grant",
 ];
 
 #[test]
@@ -73,6 +75,10 @@ fn hostile_guests_get_errors_or_are_ended_while_the_others_run_on() {
     for a in ATTACKS {
         run.modules.push(format!("hostile.elf name=h-{a} attack={a} mem=2M"));
     }
+    // Domain ids follow module order: dom0 0, domu1 1, the attacks 2..=12,
+    // then the grant pair 13 and 14, which name each other.
+    run.modules.push("hostile.elf name=h-grant-owner attack=grant-owner peer=14 mem=2M".into());
+    run.modules.push("hostile.elf name=h-grant-user attack=grant-user peer=13 mem=2M".into());
     let r = run.run().expect("QEMU");
     let out = &r.serial;
     // Some hostile domains end badly, so the run as a whole reports failure;
@@ -83,7 +89,7 @@ fn hostile_guests_get_errors_or_are_ended_while_the_others_run_on() {
     assert!(!out.contains("-> FAIL"), "{out}");
 
     // Attacks answered with error codes (or #GP delivered to the guest): all checks pass.
-    for a in ["map-foreign", "priv-insn", "ring3-hypercall", "bad-pointers", "unknown-hypercall", "balloon"] {
+    for a in ["map-foreign", "priv-insn", "ring3-hypercall", "bad-pointers", "unknown-hypercall", "balloon", "evtchn", "grant", "grant-owner", "grant-user"] {
         let prefix = format!("[h-{a}] ATTACK {a}: all ");
         assert!(out.lines().any(|l| l.starts_with(&prefix) && l.ends_with("checks ok")), "attack {a} did not pass:\n{out}");
         assert!(out.contains(&format!("'h-{a}' ended: poweroff")), "{out}");
@@ -100,6 +106,17 @@ fn hostile_guests_get_errors_or_are_ended_while_the_others_run_on() {
         "[h-bad-pointers] check console_write from the hypervisor area: got Err(EFAULT(-14))",
         "[h-unknown-hypercall] check hypercall number 0x3e7: got Err(ENOSYS(-38))",
         "[h-balloon] check populate one page past the limit: got Err(ENOMEM(-12))",
+        "[h-evtchn] check send on an unbound port: got Err(EINVAL(-22))",
+        "[h-evtchn] check bind VIRQ_TIMER twice: got Err(EEXIST(-17))",
+        "[h-evtchn] check close a port that is not open: got Err(EINVAL(-22))",
+        "got Err(ENOSPC(-28)), want ENOSPC -> ok",
+        "[h-grant] check map a forged reference of dom0: got Err(EINVAL(-22))",
+        "[h-grant] check map our own grant (we are not the grantee): got Err(EPERM(-1))",
+        "[h-grant-user] check map the read-only grant writable: got Err(EACCES(-13))",
+        "[h-grant-user] check write through the read-only grant: #PF -> ok",
+        "[h-grant-owner] check revoke the read-only grant while the peer maps it: got Err(EBUSY(-16))",
+        "[h-grant-owner] check revoke it after the peer unmapped it: got Ok(0)",
+        "[h-grant-user] check map a grant of a domain that has ended: got Err(ESRCH(-3))",
     ]);
     // Faults: reading a hypervisor address with no handler is ended by microhv;
     // writing the entry area or a page table faults into the guest's own handler.
@@ -118,7 +135,7 @@ fn hostile_guests_get_errors_or_are_ended_while_the_others_run_on() {
         "'domu1' ended: poweroff",
         "[dom0] all DomUs have ended:",
         "'dom0' ended: poweroff",
-        "microhv: summary: 11 domains ran: dom0 poweroff, domu1 poweroff",
+        "microhv: summary: 15 domains ran: dom0 poweroff, domu1 poweroff",
     ]);
     for s in lines_of(out, "[domu1] sleep") {
         assert!(s.ends_with(" ok"), "{s}");

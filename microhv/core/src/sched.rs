@@ -143,18 +143,23 @@ impl Scheduler {
         }
     }
 
-    /// Makes a blocked `v` runnable, at the back of the queue. No-op otherwise.
+    /// Makes a blocked `v` runnable, at the *front* of the queue: a vCPU that
+    /// waited for an event or its timer runs next (a "boost", like Xen's
+    /// credit scheduler), so wake-up latency does not grow with the number of
+    /// busy vCPUs. A vCPU that never blocks cannot use this to take more than
+    /// its turn. No-op unless blocked.
     pub fn wake(&mut self, v: VcpuId) {
         if let Some(e) = self.vcpus.get_mut(&v) {
             if let RunState::Blocked { .. } = e.state {
                 e.state = RunState::Runnable;
-                self.queue.push_back(v);
+                self.queue.push_front(v);
             }
         }
     }
 
     /// Wakes every blocked vCPU whose wake_at <= now; returns them, earliest
-    /// deadline first (ties by id), which is also the order they join the queue.
+    /// deadline first (ties by id), which is also their order at the front of
+    /// the queue.
     pub fn wake_expired(&mut self, now: u64) -> Vec<VcpuId> {
         let mut due: Vec<(u64, VcpuId)> = self
             .vcpus
@@ -165,12 +170,11 @@ impl Scheduler {
             })
             .collect();
         due.sort_unstable();
-        due.into_iter()
-            .map(|(_, v)| {
-                self.wake(v);
-                v
-            })
-            .collect()
+        // Pushing to the front in reverse leaves the earliest deadline first.
+        for &(_, v) in due.iter().rev() {
+            self.wake(v);
+        }
+        due.into_iter().map(|(_, v)| v).collect()
     }
 
     /// Picks the next vCPU to run at `now` (calls wake_expired first). Weighted
@@ -371,7 +375,7 @@ mod tests {
     }
 
     #[test]
-    fn woken_vcpu_joins_the_back_of_the_queue() {
+    fn woken_vcpu_runs_next() {
         let mut s = Scheduler::new();
         for i in 0..3 {
             s.add(VcpuId(i), DEFAULT_WEIGHT);
@@ -380,8 +384,8 @@ mod tests {
         let v = run_vcpu(s.pick_next(0, None));
         assert_eq!(v, VcpuId(1));
         s.wake(VcpuId(0));
-        assert_eq!(run_vcpu(s.pick_next(0, Some(v))), VcpuId(2));
-        assert_eq!(run_vcpu(s.pick_next(0, Some(VcpuId(2)))), VcpuId(0));
+        assert_eq!(run_vcpu(s.pick_next(0, Some(v))), VcpuId(0));
+        assert_eq!(run_vcpu(s.pick_next(0, Some(VcpuId(0)))), VcpuId(2));
         // Waking a runnable vCPU does not queue it twice.
         s.wake(VcpuId(0));
         s.check_invariants();

@@ -110,3 +110,55 @@ pub fn memory_query() -> Result<shared_abi::hypercall::MemoryInfo, Errno> {
     unsafe { crate::hypercall::memory_query(GuestVa(&mut info as *mut _ as u64)) }?;
     Ok(info)
 }
+
+/// Frees up `n` virtual page slots at the end of the initial mapping (the
+/// pages kept out of the heap with `init_heap(si, n)`): unmaps them so their
+/// L1 entries are empty and can take grant mappings. Returns their addresses.
+pub fn free_slots<const N: usize>() -> Result<[u64; N], Errno> {
+    let si = crate::start_info();
+    let first = si.virt_base + (si.nr_pages - N as u64) * PAGE;
+    let vas: [u64; N] = core::array::from_fn(|i| first + i as u64 * PAGE);
+    for &va in &vas {
+        if translate(va).is_some() {
+            unmap(va)?;
+        }
+    }
+    Ok(vas)
+}
+
+/// A 4 KiB page shared with another domain or with microhv, accessed with
+/// volatile reads and writes and sequentially consistent fences (the other
+/// side may change it at any time).
+pub struct SharedPage(pub *mut u8);
+
+impl shared_abi::ring::SharedMem for SharedPage {
+    fn read_u32(&self, off: usize) -> u32 {
+        assert!(off % 4 == 0 && off + 4 <= 4096);
+        core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+        // SAFETY: in-bounds, aligned read of a page this guest has mapped.
+        let v = unsafe { (self.0.add(off) as *const u32).read_volatile() };
+        core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+        v
+    }
+    fn write_u32(&mut self, off: usize, v: u32) {
+        assert!(off % 4 == 0 && off + 4 <= 4096);
+        core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+        // SAFETY: as above, for writing (the page is mapped writable).
+        unsafe { (self.0.add(off) as *mut u32).write_volatile(v) };
+        core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+    }
+    fn read(&self, off: usize, buf: &mut [u8]) {
+        assert!(off + buf.len() <= 4096);
+        for (i, b) in buf.iter_mut().enumerate() {
+            // SAFETY: in-bounds byte read of the mapped page.
+            *b = unsafe { self.0.add(off + i).read_volatile() };
+        }
+    }
+    fn write(&mut self, off: usize, data: &[u8]) {
+        assert!(off + data.len() <= 4096);
+        for (i, b) in data.iter().enumerate() {
+            // SAFETY: in-bounds byte write of the mapped, writable page.
+            unsafe { self.0.add(off + i).write_volatile(*b) };
+        }
+    }
+}

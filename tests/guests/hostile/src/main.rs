@@ -21,7 +21,7 @@ mod guest {
     use microhv_guest::shared_abi::hypercall::*;
     use microhv_guest::shared_abi::HYPERVISOR_VA_START;
     use microhv_guest::traps::{self, ExceptionFrame};
-    use microhv_guest::{entry, println, Errno, GuestVa, Mfn, StartInfo};
+    use microhv_guest::{entry, println, DomId, Errno, GuestVa, Mfn, StartInfo};
 
     entry!(main);
 
@@ -49,7 +49,7 @@ mod guest {
     }
 
     fn main(si: &'static StartInfo) -> ! {
-        microhv_guest::init_heap(si, 1);
+        microhv_guest::init_heap(si, 4);
         let attack = microhv_guest::shared_abi::start_info::StartInfo::cmdline(si)
             .split_ascii_whitespace()
             .find_map(|w| w.strip_prefix("attack="))
@@ -85,9 +85,153 @@ mod guest {
             "bad-pointers" => bad_pointers(si),
             "unknown-hypercall" => unknown_hypercall(),
             "balloon" => balloon(si),
+            "evtchn" => evtchn(),
+            "grant" => grant(si),
+            "grant-owner" => grant_owner(peer(si)),
+            "grant-user" => grant_user(peer(si)),
             other => println!("unknown attack '{other}'"),
         }
         finish(attack)
+    }
+
+    fn peer(si: &StartInfo) -> DomId {
+        DomId(si.cmdline().split_ascii_whitespace().find_map(|w| w.strip_prefix("peer=")).and_then(|p| p.parse().ok()).unwrap_or(0))
+    }
+
+    fn ok_check(what: &str, got: Result<u64, Errno>) {
+        CHECKS.fetch_add(1, Ordering::SeqCst);
+        if got.is_err() {
+            FAILURES.fetch_add(1, Ordering::SeqCst);
+        }
+        println!("check {what}: got {got:?}, want success -> {}", if got.is_ok() { "ok" } else { "FAIL" });
+    }
+
+    fn evtchn() {
+        // SAFETY (all calls): no pointers, or pointers to live locals.
+        let unbound = unsafe { hc::evtchn_alloc_unbound(DomId(0)) };
+        ok_check("allocate an unbound port for dom0", unbound);
+        let p = unbound.unwrap_or(0);
+        check("send on an unbound port", unsafe { hc::evtchn_send(p) }, Errno::EINVAL);
+        check("send on a port that is not open", unsafe { hc::evtchn_send(999) }, Errno::EINVAL);
+        check("send on a port number out of range", unsafe { hc::evtchn_send(1 << 40) }, Errno::EINVAL);
+        check("close a port that is not open", unsafe { hc::evtchn_close(998) }, Errno::EINVAL);
+        check("bind to dom0's port 1 (not offered to us)", unsafe { hc::evtchn_bind_interdomain(DomId(0), 1) }, Errno::EINVAL);
+        check("bind to a domain that does not exist", unsafe { hc::evtchn_bind_interdomain(DomId(77), 1) }, Errno::ESRCH);
+        check("allocate a port for a domain that does not exist", unsafe { hc::evtchn_alloc_unbound(DomId(999)) }, Errno::ESRCH);
+        ok_check("bind VIRQ_TIMER", unsafe { hc::evtchn_bind_virq(VIRQ_TIMER) });
+        check("bind VIRQ_TIMER twice", unsafe { hc::evtchn_bind_virq(VIRQ_TIMER) }, Errno::EEXIST);
+        let mut st = EvtchnStatus::default();
+        check("status of a port out of range", unsafe { hc::evtchn_status(1 << 20, GuestVa(&mut st as *mut _ as u64)) }, Errno::EINVAL);
+        check("status into the hypervisor area", unsafe { hc::evtchn_status(p, GuestVa(HYPERVISOR_VA_START)) }, Errno::EFAULT);
+        check("unmask a port out of range", unsafe { hc::evtchn_unmask(1 << 20) }, Errno::EINVAL);
+        ok_check("close our unbound port", unsafe { hc::evtchn_close(p) });
+        check("close it again", unsafe { hc::evtchn_close(p) }, Errno::EINVAL);
+        // Exhaust the per-domain port limit: it must end in ENOSPC, not a crash.
+        let mut n = 0;
+        let last = loop {
+            match unsafe { hc::evtchn_alloc_unbound(DomId(0)) } {
+                Ok(_) => n += 1,
+                Err(e) => break e,
+            }
+            if n > 5000 {
+                break Errno::EINVAL;
+            }
+        };
+        check(&alloc::format!("allocate ports until the limit ({n} allocated)"), Err(last), Errno::ENOSPC);
+    }
+
+    fn grant(si: &StartInfo) {
+        let own_frame = mm::p2m()[si.first_free_pfn as usize];
+        // SAFETY (all calls): no pointers, or pointers to live locals.
+        check("grant a frame that is not ours", unsafe { hc::grant_access(DomId(0), Mfn(0x200), 0) }, Errno::EPERM);
+        check("grant our own L4 (a page table)", unsafe { hc::grant_access(DomId(0), Mfn(si.pt_base_mfn), 1) }, Errno::EACCES);
+        check("grant to a domain that does not exist", unsafe { hc::grant_access(DomId(77), Mfn(own_frame), 0) }, Errno::ESRCH);
+        check("grant to ourselves", unsafe { hc::grant_access(DomId(si.domid), Mfn(own_frame), 0) }, Errno::EINVAL);
+        let r = unsafe { hc::grant_access(DomId(0), Mfn(own_frame), 0) };
+        ok_check("grant a frame of ours to dom0", r);
+        let gref = r.unwrap_or(0);
+        let [va] = mm::free_slots::<1>().unwrap_or([0]);
+        check("map our own grant (we are not the grantee)", unsafe { hc::grant_map(DomId(si.domid), gref, GuestVa(va), 0) }, Errno::EPERM);
+        check("map a forged reference of dom0", unsafe { hc::grant_map(DomId(0), 77, GuestVa(va), 0) }, Errno::EINVAL);
+        check("map a grant at a hypervisor address", unsafe { hc::grant_map(DomId(0), 1, GuestVa(HYPERVISOR_VA_START), 0) }, Errno::EINVAL);
+        let op = GrantCopy { granter: 0, gref: 1, offset: 4000, len: 200, local_va: si.virt_base, ..Default::default() };
+        check("grant_copy past the end of the frame", unsafe { hc::grant_copy(GuestVa(&op as *const _ as u64)) }, Errno::EINVAL);
+        let op = GrantCopy { granter: 0, gref: 99, offset: 0, len: 16, local_va: si.virt_base, ..Default::default() };
+        check("grant_copy through a forged reference", unsafe { hc::grant_copy(GuestVa(&op as *const _ as u64)) }, Errno::EINVAL);
+        check("end a grant that does not exist", unsafe { hc::grant_end(200) }, Errno::EINVAL);
+        ok_check("end our grant", unsafe { hc::grant_end(gref) });
+        check("end it again (stale)", unsafe { hc::grant_end(gref) }, Errno::EINVAL);
+    }
+
+    fn sleep_until_ms(t0: u64, ms: u64) {
+        microhv_guest::time::sleep_until(t0 + ms * 1_000_000);
+    }
+
+    /// Grants a read-only and a writable frame to the peer, then checks
+    /// that revoking a mapped grant is refused until it is unmapped. Ends
+    /// while the peer still maps the writable one.
+    fn grant_owner(peer: DomId) {
+        let t0 = microhv_guest::time::now_ns();
+        let si = microhv_guest::start_info();
+        let ro = mm::p2m()[si.first_free_pfn as usize];
+        let rw = mm::p2m()[si.first_free_pfn as usize + 1];
+        let ro_va = si.virt_base + si.first_free_pfn * mm::PAGE;
+        // SAFETY: our own heap page, mapped writable.
+        unsafe { core::ptr::write_volatile(ro_va as *mut u64, 0x5eed_cafe) };
+        // SAFETY (calls below): no pointers.
+        let r1 = unsafe { hc::grant_access(peer, Mfn(ro), 1) };
+        let r2 = unsafe { hc::grant_access(peer, Mfn(rw), 0) };
+        ok_check("grant a read-only frame (ref 1)", r1);
+        ok_check("grant a writable frame (ref 2)", r2);
+        sleep_until_ms(t0, 30);
+        check("revoke the read-only grant while the peer maps it", unsafe { hc::grant_end(1) }, Errno::EBUSY);
+        check("release the frame while the peer maps it", {
+            let a = [ro];
+            unsafe { hc::memory_release(GuestVa(a.as_ptr() as u64), 1) }
+        }, Errno::EBUSY);
+        sleep_until_ms(t0, 60);
+        ok_check("revoke it after the peer unmapped it", unsafe { hc::grant_end(1) });
+        sleep_until_ms(t0, 70);
+    }
+
+    fn grant_user(peer: DomId) {
+        let t0 = microhv_guest::time::now_ns();
+        let [va1, va2, va3] = mm::free_slots::<3>().unwrap_or([0; 3]);
+        sleep_until_ms(t0, 10);
+        // SAFETY (calls below): the VAs are our own empty slots.
+        check("map the read-only grant writable", unsafe { hc::grant_map(peer, 1, GuestVa(va1), 1) }, Errno::EACCES);
+        ok_check("map the read-only grant read-only", unsafe { hc::grant_map(peer, 1, GuestVa(va1), 0) });
+        // SAFETY: just mapped, readable.
+        let v = unsafe { core::ptr::read_volatile(va1 as *const u64) };
+        CHECKS.fetch_add(1, Ordering::SeqCst);
+        println!("check read the peer's value through the grant: {v:#x} -> {}", if v == 0x5eed_cafe { "ok" } else { "FAIL" });
+        if v != 0x5eed_cafe {
+            FAILURES.fetch_add(1, Ordering::SeqCst);
+        }
+        // Writing through the read-only mapping must fault.
+        traps::set_exception_hook(skip_hook);
+        EXPECT_LEN.store(3, Ordering::SeqCst);
+        LAST_VECTOR.store(u64::MAX, Ordering::SeqCst);
+        // SAFETY: must fault (#PF); the hook skips the 3-byte instruction.
+        unsafe { core::arch::asm!("mov byte ptr [rax], 1", in("rax") va1) };
+        let vec = LAST_VECTOR.load(Ordering::SeqCst);
+        CHECKS.fetch_add(1, Ordering::SeqCst);
+        println!("check write through the read-only grant: {} -> {}", if vec == 14 { "#PF" } else { "no fault" }, if vec == 14 { "ok" } else { "FAIL" });
+        if vec != 14 {
+            FAILURES.fetch_add(1, Ordering::SeqCst);
+        }
+        ok_check("map the writable grant", unsafe { hc::grant_map(peer, 2, GuestVa(va2), 1) });
+        // SAFETY: mapped writable just above.
+        unsafe { core::ptr::write_volatile(va2 as *mut u64, 42) };
+        check("map a grant meant for another domain (dom0's ref 1)", unsafe { hc::grant_map(DomId(0), 1, GuestVa(va3), 0) }, Errno::EINVAL);
+        sleep_until_ms(t0, 50);
+        ok_check("unmap the read-only grant", unsafe { hc::grant_unmap(peer, 1, GuestVa(va1)) });
+        sleep_until_ms(t0, 90);
+        // The peer has ended; its grants are refused from now on.
+        check("map a grant of a domain that has ended", unsafe { hc::grant_map(peer, 2, GuestVa(va3), 0) }, Errno::ESRCH);
+        let op = GrantCopy { granter: peer.0, gref: 2, offset: 0, len: 8, local_va: va3, ..Default::default() };
+        check("grant_copy from a domain that has ended", unsafe { hc::grant_copy(GuestVa(&op as *const _ as u64)) }, Errno::ESRCH);
+        ok_check("unmap the writable grant of the ended domain", unsafe { hc::grant_unmap(peer, 2, GuestVa(va2)) });
     }
 
     fn own(mfn: u64) -> bool {
