@@ -111,6 +111,10 @@ macro_rules! for_each_hypercall {
             /// Privileged: write up to `max` `DomainInfo` records to `out`; returns
             /// the number of domains.
             32 DOMCTL_LIST DomctlList domctl_list(out: GuestVa, max: u64) [PV - DOM0];
+            /// Privileged: write a `DomainChannels` record for DomU `domid` to
+            /// `out`: the grant references and ports of its console and store
+            /// pages, which Dom0's backends map and bind.
+            33 DOMCTL_CHANNELS DomctlChannels domctl_channels(domid: DomId, out: GuestVa) [PV - DOM0];
         }
     };
 }
@@ -365,6 +369,20 @@ const _: () = {
 
 pub const GRANT_COPY_TO_GRANTED: u32 = 1;
 
+/// `domctl_channels` record: what Dom0 needs to serve a DomU's console and
+/// store. The pages are granted (writable) to Dom0; the ports are unbound
+/// ports of the DomU, allocated for Dom0 to bind with `evtchn_bind_interdomain`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DomainChannels {
+    pub console_gref: u32,
+    pub console_port: u32,
+    pub store_gref: u32,
+    pub store_port: u32,
+}
+
+const _: () = assert!(size_of::<DomainChannels>() == 16);
+
 /// Domain states in `DomainInfo::state`.
 pub const DOMSTATE_RUNNING: u8 = 0;
 pub const DOMSTATE_BLOCKED: u8 = 1;
@@ -415,7 +433,7 @@ mod tests {
 
     #[test]
     fn unknown_numbers_are_enosys_never_success() {
-        for n in [0, 33, 40, 63, 1000, u64::MAX] {
+        for n in [0, 34, 40, 63, 1000, u64::MAX] {
             assert_eq!(Call::decode(n, [0; 5]), Err(Errno::ENOSYS), "number {n}");
             assert_eq!(check_access(n, GuestKind::Pv, true).err(), Some(Errno::ENOSYS));
         }

@@ -41,8 +41,17 @@ pub struct StartInfo {
     pub p2m_va: u64,
     /// First pfn not used by the boot layout (kernel, these pages, tables, stack).
     pub first_free_pfn: u64,
-    /// Reserved for the console and store rings (event channels stage).
-    pub reserved: [u64; 8],
+    /// DomUs: virtual address of the PV console page (byte rings shared
+    /// with Dom0's console backend; layout in `console`), 0 if none.
+    pub console_va: u64,
+    /// Event-channel port for the console (bound to Dom0's backend).
+    pub console_evtchn: u64,
+    /// DomUs: virtual address of the store page (same byte-ring layout:
+    /// requests in `out`, responses and watch events in `in`), 0 if none.
+    pub store_va: u64,
+    /// Event-channel port for the store.
+    pub store_evtchn: u64,
+    pub reserved: [u64; 4],
     /// The command line given for this domain, NUL-terminated.
     pub cmdline: [u8; CMDLINE_LEN],
     /// The domain's name, NUL-terminated.
@@ -57,6 +66,8 @@ const _: () = {
     assert!(offset_of!(StartInfo, shared_info_va) == 48);
     assert!(offset_of!(StartInfo, p2m_va) == 80);
     assert!(offset_of!(StartInfo, first_free_pfn) == 88);
+    assert!(offset_of!(StartInfo, console_va) == 96);
+    assert!(offset_of!(StartInfo, store_evtchn) == 120);
     assert!(offset_of!(StartInfo, cmdline) == 160);
     assert!(offset_of!(StartInfo, name) == 416);
 };
@@ -93,7 +104,11 @@ impl StartInfo {
             nr_pt_frames: 0,
             p2m_va: 0,
             first_free_pfn: 0,
-            reserved: [0; 8],
+            console_va: 0,
+            console_evtchn: 0,
+            store_va: 0,
+            store_evtchn: 0,
+            reserved: [0; 4],
             cmdline: [0; CMDLINE_LEN],
             name: [0; NAME_LEN],
         }
@@ -144,6 +159,9 @@ impl StartInfo {
             self.p2m_va,
             self.first_free_pfn,
         ] {
+            w.bytes(&v.to_le_bytes());
+        }
+        for v in [self.console_va, self.console_evtchn, self.store_va, self.store_evtchn] {
             w.bytes(&v.to_le_bytes());
         }
         for v in self.reserved {

@@ -6,7 +6,7 @@
 
 use crate::project_root;
 use anyhow::{bail, Context, Result};
-use shared_abi::hypercall::{self, DomainInfo, EvtchnStatus, GrantCopy, IretFrame, MemoryInfo, MmuUpdate, TrapInfo, TABLE};
+use shared_abi::hypercall::{self, DomainChannels, DomainInfo, EvtchnStatus, GrantCopy, IretFrame, MemoryInfo, MmuUpdate, TrapInfo, TABLE};
 use shared_abi::note::{PvNote, NOTE_NAME, NOTE_TYPE_PV};
 use shared_abi::shared_info::{SharedInfo, VcpuInfo, VcpuTime, EVTCHN_PORTS, MAX_VCPUS};
 use shared_abi::start_info::{StartInfo, CMDLINE_LEN, NAME_LEN};
@@ -109,7 +109,11 @@ fn layouts() -> Vec<Layout> {
             nr_pt_frames: u64,
             p2m_va: u64,
             first_free_pfn: u64,
-            reserved: [u64; 8],
+            console_va: u64,
+            console_evtchn: u64,
+            store_va: u64,
+            store_evtchn: u64,
+            reserved: [u64; 4],
             cmdline: [u8; CMDLINE_LEN],
             name: [u8; NAME_LEN],
         }),
@@ -166,6 +170,12 @@ fn layouts() -> Vec<Layout> {
             max_pages: u64,
             cpu_time_ns: u64,
             name: [u8; 32],
+        }),
+        layout!(DomainChannels at "hypercall", "The `domctl_channels` record." {
+            console_gref: u32,
+            console_port: u32,
+            store_gref: u32,
+            store_port: u32,
         }),
         layout!(EvtchnStatus at "hypercall", "The `evtchn_status` result." {
             state: u32,

@@ -1,8 +1,13 @@
 //! dom0-core: the host-testable logic of the privileged domain. At this
-//! stage: formatting the domain list it reads with `domctl_list`. Device
-//! backends and the toolstack come later.
+//! stage: formatting the domain list it reads with `domctl_list`, and the
+//! server side of the store ([`store`]). Device backends and the toolstack
+//! come later.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
+
+extern crate alloc;
+
+pub mod store;
 
 use core::fmt::Write;
 use shared_abi::hypercall::{DomainInfo, DOMSTATE_BLOCKED, DOMSTATE_DEAD, DOMSTATE_RUNNING};

@@ -215,3 +215,19 @@ pub fn init(use_alias: bool) {
         asm!("lidt [{}]", in(reg) &idtr);
     }
 }
+
+/// The serial port Dom0 drives (COM1, ports 0x3f8..=0x3ff).
+pub const COM1_PORTS: core::ops::RangeInclusive<u16> = 0x3f8..=0x3ff;
+
+/// Opens (or closes) COM1 in the TSS I/O bitmap for the guest about to
+/// run: only Dom0 gets it. IOPL stays 0, so every other port still faults.
+pub fn set_guest_com1_access(allow: bool) {
+    // SAFETY: the TSS is written through its identity mapping while no guest
+    // runs (we are on the way out to one, interrupts off, single CPU).
+    unsafe {
+        let tss = &mut *core::ptr::addr_of_mut!(TSS);
+        let byte = (*COM1_PORTS.start() / 8) as usize;
+        // 0x3f8..=0x3ff is exactly one bitmap byte; a clear bit allows the port.
+        tss.io_bitmap[byte] = if allow { 0x00 } else { 0xff };
+    }
+}

@@ -73,6 +73,8 @@ pub struct Domain {
     pub ended: Option<EndReason>,
     pub console_line: Vec<u8>,
     pub cpu_ns: u64,
+    /// DomUs: the console and store pages and ports offered to Dom0.
+    pub channels: Option<shared_abi::hypercall::DomainChannels>,
 }
 
 pub struct Hv {
@@ -283,6 +285,7 @@ fn create(hv: &mut Hv, id: DomId, file: &[u8], args: &str, privileged: bool) -> 
         ended: None,
         console_line: Vec::new(),
         cpu_ns: 0,
+        channels: None,
     };
     // Events start masked until the guest is ready for upcalls.
     dom.set_upcall_mask(true);
@@ -298,9 +301,75 @@ fn create(hv: &mut Hv, id: DomId, file: &[u8], args: &str, privileged: bool) -> 
     let idx = hv.domains.len();
     let _ = hv.evtchn.add_domain(id, DEFAULT_MAX_PORTS);
     let _ = hv.grants.add_domain(id, DEFAULT_MAX_GRANTS);
+    let mut dom = dom;
+    if !privileged {
+        match offer_channels(hv, id, &built, &frames) {
+            Ok(c) => dom.channels = Some(c),
+            Err(e) => log::warn!("{}: no console/store pages ({e}); it can still use the debug console", dom.name),
+        }
+    }
     hv.domains.push(dom);
     hv.sched.add(VcpuId(idx), weight);
     Ok(idx)
+}
+
+/// A machine frame seen as a shared page (volatile access through the
+/// identity map), for initialising rings.
+pub struct FramePage(pub Mfn);
+
+impl shared_abi::ring::SharedMem for FramePage {
+    fn read_u32(&self, off: usize) -> u32 {
+        let mut b = [0u8; 4];
+        Identity.read_bytes(self.0, off, &mut b);
+        u32::from_le_bytes(b)
+    }
+    fn write_u32(&mut self, off: usize, v: u32) {
+        Identity.write_bytes(self.0, off, &v.to_le_bytes());
+    }
+    fn read(&self, off: usize, buf: &mut [u8]) {
+        Identity.read_bytes(self.0, off, buf);
+    }
+    fn write(&mut self, off: usize, data: &[u8]) {
+        Identity.write_bytes(self.0, off, data);
+    }
+}
+
+/// Gives a DomU a console page and a store page from its first free pages,
+/// grants both to Dom0, allocates a port for each that Dom0 may bind, and
+/// records them in the DomU's start_info (moving `first_free_pfn` past them).
+fn offer_channels(
+    hv: &mut Hv,
+    id: DomId,
+    built: &builder::BuiltDomain,
+    frames: &[Mfn],
+) -> Result<shared_abi::hypercall::DomainChannels, Errno> {
+    let pfn = built.first_free_pfn;
+    if pfn + 2 > built.nr_pages {
+        return Err(Errno::ENOMEM);
+    }
+    let (console, store) = (frames[pfn as usize], frames[pfn as usize + 1]);
+    for f in [console, store] {
+        Identity.zero(f);
+        shared_abi::console::init(&mut FramePage(f));
+    }
+    let dom0 = DomId::DOM0;
+    let console_gref = hv.grants.grant(id, dom0, console, false)?;
+    let store_gref = hv.grants.grant(id, dom0, store, false)?;
+    let console_port = hv.evtchn.alloc_unbound(id, dom0)?;
+    let store_port = hv.evtchn.alloc_unbound(id, dom0)?;
+    // Patch start_info (fields at fixed offsets, checked in shared-abi).
+    let si = frames[built.layout.start_info_pfn as usize];
+    let va = |p: u64| built.virt_base + p * 4096;
+    for (off, v) in [
+        (core::mem::offset_of!(shared_abi::start_info::StartInfo, first_free_pfn), pfn + 2),
+        (core::mem::offset_of!(shared_abi::start_info::StartInfo, console_va), va(pfn)),
+        (core::mem::offset_of!(shared_abi::start_info::StartInfo, console_evtchn), console_port as u64),
+        (core::mem::offset_of!(shared_abi::start_info::StartInfo, store_va), va(pfn + 1)),
+        (core::mem::offset_of!(shared_abi::start_info::StartInfo, store_evtchn), store_port as u64),
+    ] {
+        Identity.write_u64(si, off / 8, v);
+    }
+    Ok(shared_abi::hypercall::DomainChannels { console_gref, console_port, store_gref, store_port })
 }
 
 /// Builds Dom0 (the first module) and the DomUs, then enters the first domain.
@@ -676,6 +745,7 @@ pub fn schedule(frame: &mut TrapFrame, force: bool) {
         let d = &hv.domains[n];
         *frame = d.vcpu.regs;
         trap::set_next_cr3(d.vcpu.cr3.addr());
+        cpu::set_guest_com1_access(d.privileged);
         let deadline = match earliest_timer(hv) {
             Some(t) => t.min(hv.slice_end),
             None => hv.slice_end,

@@ -299,6 +299,15 @@ fn dispatch(hv: &mut Hv, cur: usize, call: Call) -> Outcome {
         Call::GrantMap { granter, gref, va, writable } => Ret(grant_map(hv, cur, granter, gref, va, writable)),
         Call::GrantUnmap { granter, gref, va } => Ret(grant_unmap(hv, cur, granter, gref, va)),
         Call::GrantCopy { op } => Ret(grant_copy(hv, cur, op)),
+        Call::DomctlChannels { domid, out } => {
+            let Some(i) = domain::index_of(hv, domid) else { return Ret(Err(Errno::ESRCH)) };
+            let Some(c) = hv.domains[i].channels else { return Ret(Err(Errno::ENOENT)) };
+            let mut b = [0u8; 16];
+            for (k, v) in [c.console_gref, c.console_port, c.store_gref, c.store_port].iter().enumerate() {
+                b[k * 4..k * 4 + 4].copy_from_slice(&v.to_le_bytes());
+            }
+            Ret(write_guest(hv, cur, out, &b).map(|_| 0))
+        }
         Call::DomctlList { out, max } => {
             let n = hv.domains.len();
             let k = (max as usize).min(n);

@@ -167,6 +167,11 @@ mod guest {
         microhv_guest::time::sleep_until(t0 + ms * 1_000_000);
     }
 
+    /// microhv itself grants every DomU's console and store pages to Dom0 as
+    /// refs 1 and 2, so the pair's own grants are refs 3 and 4.
+    const RO_REF: u64 = 3;
+    const RW_REF: u64 = 4;
+
     /// Grants a read-only and a writable frame to the peer, then checks
     /// that revoking a mapped grant is refused until it is unmapped. Ends
     /// while the peer still maps the writable one.
@@ -181,16 +186,22 @@ mod guest {
         // SAFETY (calls below): no pointers.
         let r1 = unsafe { hc::grant_access(peer, Mfn(ro), 1) };
         let r2 = unsafe { hc::grant_access(peer, Mfn(rw), 0) };
-        ok_check("grant a read-only frame (ref 1)", r1);
-        ok_check("grant a writable frame (ref 2)", r2);
+        ok_check("grant a read-only frame", r1);
+        ok_check("grant a writable frame", r2);
+        CHECKS.fetch_add(1, Ordering::SeqCst);
+        let refs_ok = r1 == Ok(RO_REF) && r2 == Ok(RW_REF);
+        if !refs_ok {
+            FAILURES.fetch_add(1, Ordering::SeqCst);
+        }
+        println!("check the grants are refs {RO_REF} and {RW_REF}: {r1:?} {r2:?} -> {}", if refs_ok { "ok" } else { "FAIL" });
         sleep_until_ms(t0, 30);
-        check("revoke the read-only grant while the peer maps it", unsafe { hc::grant_end(1) }, Errno::EBUSY);
+        check("revoke the read-only grant while the peer maps it", unsafe { hc::grant_end(RO_REF) }, Errno::EBUSY);
         check("release the frame while the peer maps it", {
             let a = [ro];
             unsafe { hc::memory_release(GuestVa(a.as_ptr() as u64), 1) }
         }, Errno::EBUSY);
         sleep_until_ms(t0, 60);
-        ok_check("revoke it after the peer unmapped it", unsafe { hc::grant_end(1) });
+        ok_check("revoke it after the peer unmapped it", unsafe { hc::grant_end(RO_REF) });
         sleep_until_ms(t0, 70);
     }
 
@@ -199,8 +210,8 @@ mod guest {
         let [va1, va2, va3] = mm::free_slots::<3>().unwrap_or([0; 3]);
         sleep_until_ms(t0, 10);
         // SAFETY (calls below): the VAs are our own empty slots.
-        check("map the read-only grant writable", unsafe { hc::grant_map(peer, 1, GuestVa(va1), 1) }, Errno::EACCES);
-        ok_check("map the read-only grant read-only", unsafe { hc::grant_map(peer, 1, GuestVa(va1), 0) });
+        check("map the read-only grant writable", unsafe { hc::grant_map(peer, RO_REF, GuestVa(va1), 1) }, Errno::EACCES);
+        ok_check("map the read-only grant read-only", unsafe { hc::grant_map(peer, RO_REF, GuestVa(va1), 0) });
         // SAFETY: just mapped, readable.
         let v = unsafe { core::ptr::read_volatile(va1 as *const u64) };
         CHECKS.fetch_add(1, Ordering::SeqCst);
@@ -220,18 +231,18 @@ mod guest {
         if vec != 14 {
             FAILURES.fetch_add(1, Ordering::SeqCst);
         }
-        ok_check("map the writable grant", unsafe { hc::grant_map(peer, 2, GuestVa(va2), 1) });
+        ok_check("map the writable grant", unsafe { hc::grant_map(peer, RW_REF, GuestVa(va2), 1) });
         // SAFETY: mapped writable just above.
         unsafe { core::ptr::write_volatile(va2 as *mut u64, 42) };
-        check("map a grant meant for another domain (dom0's ref 1)", unsafe { hc::grant_map(DomId(0), 1, GuestVa(va3), 0) }, Errno::EINVAL);
+        check("map a grant meant for dom0 (the peer's console page, ref 1)", unsafe { hc::grant_map(peer, 1, GuestVa(va3), 0) }, Errno::EPERM);
         sleep_until_ms(t0, 50);
-        ok_check("unmap the read-only grant", unsafe { hc::grant_unmap(peer, 1, GuestVa(va1)) });
+        ok_check("unmap the read-only grant", unsafe { hc::grant_unmap(peer, RO_REF, GuestVa(va1)) });
         sleep_until_ms(t0, 90);
         // The peer has ended; its grants are refused from now on.
-        check("map a grant of a domain that has ended", unsafe { hc::grant_map(peer, 2, GuestVa(va3), 0) }, Errno::ESRCH);
-        let op = GrantCopy { granter: peer.0, gref: 2, offset: 0, len: 8, local_va: va3, ..Default::default() };
+        check("map a grant of a domain that has ended", unsafe { hc::grant_map(peer, RW_REF, GuestVa(va3), 0) }, Errno::ESRCH);
+        let op = GrantCopy { granter: peer.0, gref: RW_REF as u32, offset: 0, len: 8, local_va: va3, ..Default::default() };
         check("grant_copy from a domain that has ended", unsafe { hc::grant_copy(GuestVa(&op as *const _ as u64)) }, Errno::ESRCH);
-        ok_check("unmap the writable grant of the ended domain", unsafe { hc::grant_unmap(peer, 2, GuestVa(va2)) });
+        ok_check("unmap the writable grant of the ended domain", unsafe { hc::grant_unmap(peer, RW_REF, GuestVa(va2)) });
     }
 
     fn own(mfn: u64) -> bool {
@@ -415,7 +426,7 @@ mod guest {
     }
 
     fn unknown_hypercall() {
-        for nr in [0u64, 33, 63, 999, u64::MAX] {
+        for nr in [0u64, 34, 63, 999, u64::MAX] {
             // SAFETY: unknown numbers take no pointers.
             let r = Errno::result(unsafe { hc::raw(nr, [1, 2, 3, 4, 5]) });
             check(&alloc::format!("hypercall number {nr:#x}"), r, Errno::ENOSYS);
