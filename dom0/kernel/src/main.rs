@@ -1,6 +1,7 @@
-//! Dom0, the privileged domain. At this stage it reports its memory and
-//! privileges, lists the domains with the privileged `domctl_list`
-//! hypercall, and watches the DomUs until they have all ended.
+//! Dom0, the privileged domain. It drives the real UART (COM1, which microhv
+//! opens for it in the I/O bitmap), runs the console backend and the store
+//! for every DomU, pairs the demo DomUs through the store, lists the domains
+//! with the privileged `domctl_list`, and ends when every DomU has ended.
 #![cfg_attr(target_os = "none", no_std)]
 #![cfg_attr(target_os = "none", no_main)]
 
@@ -11,18 +12,102 @@ fn main() {
 }
 
 #[cfg(target_os = "none")]
+mod uart {
+    //! COM1, polled. microhv has already programmed it (8N1, FIFO).
+    use core::sync::atomic::{AtomicBool, Ordering};
+
+    const COM1: u16 = 0x3f8;
+    const LSR: u16 = COM1 + 5;
+    static AT_LINE_START: AtomicBool = AtomicBool::new(true);
+
+    fn outb(port: u16, v: u8) {
+        // SAFETY: microhv grants Dom0 exactly the COM1 ports in the TSS I/O
+        // bitmap; writing them only emits serial output.
+        unsafe { core::arch::asm!("out dx, al", in("dx") port, in("al") v, options(nostack, nomem)) };
+    }
+
+    fn inb(port: u16) -> u8 {
+        let v: u8;
+        // SAFETY: as in outb; reading the line status register has no side effects.
+        unsafe { core::arch::asm!("in al, dx", in("dx") port, out("al") v, options(nostack, nomem)) };
+        v
+    }
+
+    pub fn put(b: u8) {
+        while inb(LSR) & 0x20 == 0 {
+            core::hint::spin_loop();
+        }
+        outb(COM1, b);
+    }
+
+    /// Writes one complete line with a `[name] ` prefix.
+    pub fn line(name: &str, text: &[u8]) {
+        put(b'[');
+        name.bytes().for_each(put);
+        put(b']');
+        put(b' ');
+        for &c in text {
+            put(if c < 0x20 && c != b'\t' { b'?' } else { c });
+        }
+        put(b'\r');
+        put(b'\n');
+    }
+
+    /// Dom0's own console output: straight to the UART, `[dom0] ` per line.
+    pub fn dom0_sink(bytes: &[u8]) {
+        for &c in bytes {
+            if AT_LINE_START.swap(false, Ordering::Relaxed) {
+                b"[dom0] ".iter().copied().for_each(put);
+            }
+            if c == b'\n' {
+                put(b'\r');
+                AT_LINE_START.store(true, Ordering::Relaxed);
+            }
+            put(c);
+        }
+    }
+}
+
+#[cfg(target_os = "none")]
 mod guest {
+    extern crate alloc;
+    use crate::uart;
+    use alloc::format;
+    use alloc::string::String;
+    use alloc::vec::Vec;
+    use dom0_core::store::{Perm, Store};
     use dom0_core::{domain_line, state_name};
     use microhv_guest::hypercall as hc;
+    use microhv_guest::mm::{self, SharedPage};
     use microhv_guest::shared_abi::hypercall::*;
-    use microhv_guest::{entry, println, time, GuestVa, StartInfo};
+    use microhv_guest::shared_abi::store::{decode_payload, encode_frame, Envelope, FrameDecoder, Request, Response};
+    use microhv_guest::shared_abi::{console, store::domain_path};
+    use microhv_guest::{entry, println, time, DomId, Errno, GuestVa, StartInfo};
 
     entry!(main);
 
-    fn list(out: &mut [DomainInfo; 16]) -> usize {
-        // SAFETY: `out` is valid for 16 records.
-        match unsafe { hc::domctl_list(GuestVa(out.as_mut_ptr() as u64), 16) } {
-            Ok(n) => (n as usize).min(16),
+    const SLOTS: usize = 64;
+
+    /// Dom0's end of one DomU's console and store.
+    struct Backend {
+        id: u16,
+        name: String,
+        console_va: u64,
+        store_va: u64,
+        console_port: u32,
+        store_port: u32,
+        grefs: (u64, u64),
+        line: Vec<u8>,
+        decoder: FrameDecoder,
+        lines: u64,
+        requests: u64,
+        connected: bool,
+    }
+
+    fn list(out: &mut [DomainInfo; 32]) -> usize {
+        // SAFETY: `out` is valid for 32 records.
+        match unsafe { hc::domctl_list(GuestVa(out.as_mut_ptr() as u64), 32) } {
+            Ok(n) => (n as usize).min(32),
             Err(e) => {
                 println!("domctl_list failed: {e}");
                 0
@@ -30,33 +115,228 @@ mod guest {
         }
     }
 
+    fn name_of(d: &DomainInfo) -> String {
+        let end = d.name.iter().position(|&b| b == 0).unwrap_or(d.name.len());
+        String::from_utf8_lossy(&d.name[..end]).into()
+    }
+
+    /// Maps a DomU's console and store pages and binds their ports.
+    fn connect(d: &DomainInfo, slots: &mut Vec<u64>) -> Result<Backend, Errno> {
+        let mut ch = DomainChannels::default();
+        let id = DomId(d.domid);
+        // SAFETY (calls below): pointers are live locals; VAs are our own free slots.
+        unsafe { hc::domctl_channels(id, GuestVa(&mut ch as *mut _ as u64)) }?;
+        let (cva, sva) = match (slots.pop(), slots.pop()) {
+            (Some(a), Some(b)) => (a, b),
+            _ => return Err(Errno::ENOSPC),
+        };
+        unsafe { hc::grant_map(id, ch.console_gref as u64, GuestVa(cva), 1) }?;
+        unsafe { hc::grant_map(id, ch.store_gref as u64, GuestVa(sva), 1) }?;
+        let cp = unsafe { hc::evtchn_bind_interdomain(id, ch.console_port as u64) }? as u32;
+        let sp = unsafe { hc::evtchn_bind_interdomain(id, ch.store_port as u64) }? as u32;
+        microhv_guest::events::unmask_port(cp);
+        microhv_guest::events::unmask_port(sp);
+        Ok(Backend {
+            id: d.domid,
+            name: name_of(d),
+            console_va: cva,
+            store_va: sva,
+            console_port: cp,
+            store_port: sp,
+            grefs: (ch.console_gref as u64, ch.store_gref as u64),
+            line: Vec::new(),
+            decoder: FrameDecoder::new(),
+            lines: 0,
+            requests: 0,
+            connected: true,
+        })
+    }
+
+    fn disconnect(b: &mut Backend, slots: &mut Vec<u64>, why: &str) {
+        if !b.connected {
+            return;
+        }
+        b.connected = false;
+        if !b.line.is_empty() {
+            uart::line(&b.name, &b.line);
+            b.line.clear();
+        }
+        // SAFETY (calls below): our own mappings and ports.
+        unsafe {
+            let _ = hc::grant_unmap(DomId(b.id), b.grefs.0, GuestVa(b.console_va));
+            let _ = hc::grant_unmap(DomId(b.id), b.grefs.1, GuestVa(b.store_va));
+            let _ = hc::evtchn_close(b.console_port as u64);
+            let _ = hc::evtchn_close(b.store_port as u64);
+        }
+        slots.push(b.console_va);
+        slots.push(b.store_va);
+        println!("console backend: {} disconnected ({why}): {} lines, {} store requests", b.name, b.lines, b.requests);
+    }
+
+    /// Prints every complete line the DomU wrote. Returns false on a bad ring.
+    fn drain_console(b: &mut Backend) -> bool {
+        let mut page = SharedPage(b.console_va as *mut u8);
+        let mut buf = [0u8; 256];
+        loop {
+            match console::read_out(&mut page, &mut buf) {
+                Ok(0) => return true,
+                Ok(n) => {
+                    for &c in &buf[..n] {
+                        if c == b'\n' || b.line.len() >= 200 {
+                            uart::line(&b.name, &b.line);
+                            b.lines += 1;
+                            b.line.clear();
+                            if c == b'\n' {
+                                continue;
+                            }
+                        }
+                        if c != b'\r' {
+                            b.line.push(c);
+                        }
+                    }
+                }
+                Err(e) => {
+                    println!("console backend: {}: {e}; ignoring its console", b.name);
+                    return false;
+                }
+            }
+        }
+    }
+
+    fn send_frame(b: &Backend, req_id: u32, body: Response) {
+        let Ok(frame) = encode_frame(&Envelope { req_id, body }) else { return };
+        let mut page = SharedPage(b.store_va as *mut u8);
+        let mut rest = &frame[..];
+        let mut tries = 0;
+        while !rest.is_empty() && tries < 1000 {
+            let n = console::write_in(&mut page, rest);
+            rest = &rest[n..];
+            if n == 0 {
+                tries += 1;
+                // SAFETY: no pointers.
+                let _ = unsafe { hc::evtchn_send(b.store_port as u64) };
+                let _ = unsafe { hc::sched_yield() };
+            }
+        }
+        // SAFETY: no pointers.
+        let _ = unsafe { hc::evtchn_send(b.store_port as u64) };
+    }
+
+    /// Serves the DomU's store requests. Returns false on a bad ring or stream.
+    fn serve_store(b: &mut Backend, store: &mut Store) -> bool {
+        let mut page = SharedPage(b.store_va as *mut u8);
+        let mut buf = [0u8; 512];
+        loop {
+            let n = match console::read_out(&mut page, &mut buf) {
+                Ok(0) => return true,
+                Ok(n) => n,
+                Err(e) => {
+                    println!("store: {}: {e}; dropping its store connection", b.name);
+                    return false;
+                }
+            };
+            let frames = match b.decoder.push(&buf[..n]) {
+                Ok(f) => f,
+                Err(e) => {
+                    println!("store: {}: bad frame ({e}); dropping its store connection", b.name);
+                    return false;
+                }
+            };
+            for f in frames {
+                b.requests += 1;
+                let resp = match decode_payload::<Envelope<Request>>(&f) {
+                    Ok(req) => (req.req_id, store.handle(b.id, req.body)),
+                    Err(e) => (0, Response::Error(e.0)),
+                };
+                send_frame(b, resp.0, resp.1);
+            }
+        }
+    }
+
     fn main(si: &'static StartInfo) -> ! {
-        let heap = microhv_guest::init_heap(si, 0);
+        microhv_guest::console::set_sink(uart::dom0_sink);
+        let heap = microhv_guest::init_heap(si, SLOTS as u64);
         println!(
-            "{} up: domid {}, {} pages ({} KiB), heap {} KiB, privileged: {}",
+            "{} up: domid {}, {} pages ({} KiB), heap {} KiB, privileged: {}; driving COM1",
             si.name(), si.domid, si.nr_pages, si.nr_pages * 4, heap / 1024, if si.privileged() { "yes" } else { "no" }
         );
-        let mut info = [DomainInfo::default(); 16];
+        let mut slots: Vec<u64> = mm::free_slots::<SLOTS>().map(|s| s.to_vec()).unwrap_or_default();
+        let mut info = [DomainInfo::default(); 32];
         let n = list(&mut info);
         println!("privileged domctl_list succeeded: {n} domains");
         for d in &info[..n] {
             println!("  {}", domain_line(d).as_str());
         }
-        // Watch the DomUs until every one of them has ended.
+
+        // The store, and a backend for every DomU.
+        let mut store = Store::new();
+        let mut backends: Vec<Backend> = Vec::new();
+        let domus: Vec<DomainInfo> = info[..n].iter().filter(|d| d.domid != si.domid).copied().collect();
+        for d in &domus {
+            store.introduce_domain(d.domid, &name_of(d));
+            match connect(d, &mut slots) {
+                Ok(b) => backends.push(b),
+                Err(e) => println!("console backend: cannot connect to {}: {e}", name_of(d)),
+            }
+        }
+        // Pair the demo DomUs (names starting with "domu") two by two through
+        // the store: each learns its peer and may read the peer's pingpong/.
+        let demo: Vec<&DomainInfo> = domus.iter().filter(|d| name_of(d).starts_with("domu")).collect();
+        for pair in demo.chunks_exact(2) {
+            let (a, b) = (pair[0].domid, pair[1].domid);
+            for (me, peer) in [(a, b), (b, a)] {
+                let home = domain_path(DomId(me));
+                let _ = store.write(0, &format!("{home}/peer"), format!("{peer}").as_bytes());
+                let _ = store.mkdir(0, &format!("{home}/pingpong"));
+                let _ = store.set_perm(0, &format!("{home}/pingpong"), peer, Perm::Read);
+            }
+            println!("store: paired {} and {} for the ping-pong demo", name_of(pair[0]), name_of(pair[1]));
+        }
+        println!("console backend and store serving {} DomUs", backends.len());
+
+        // Serve until every DomU has ended and its console is drained.
         let start = time::now_ns();
+        let mut next_check = 0;
         loop {
-            time::sleep_ns(20_000_000);
-            let n = list(&mut info);
-            let alive = info[..n].iter().filter(|d| d.domid != si.domid && d.state != DOMSTATE_DEAD).count();
-            if alive == 0 || time::now_ns() - start > 30_000_000_000 {
-                println!("all DomUs have ended:");
+            for b in backends.iter_mut().filter(|b| b.connected) {
+                let console_ok = drain_console(b);
+                let store_ok = serve_store(b, &mut store);
+                if !console_ok || !store_ok {
+                    disconnect(b, &mut slots, "protocol error");
+                }
+            }
+            for ev in store.take_events() {
+                if let Some(b) = backends.iter().find(|b| b.id == ev.to && b.connected) {
+                    let r = ev.response();
+                    send_frame(b, 0, r);
+                }
+            }
+            let now = time::now_ns();
+            if now >= next_check {
+                next_check = now + 20_000_000;
+                let n = list(&mut info);
                 for d in &info[..n] {
-                    if d.domid != si.domid {
-                        println!("  {} ({})", domain_line(d).as_str(), state_name(d.state));
+                    if d.state == DOMSTATE_DEAD {
+                        if let Some(b) = backends.iter_mut().find(|b| b.id == d.domid && b.connected) {
+                            drain_console(b);
+                            disconnect(b, &mut slots, "domain ended");
+                            store.release_domain(d.domid);
+                        }
                     }
                 }
-                break;
+                let alive = info[..n].iter().filter(|d| d.domid != si.domid && d.state != DOMSTATE_DEAD).count();
+                if alive == 0 || now - start > 60_000_000_000 {
+                    println!("all DomUs have ended:");
+                    for d in &info[..n] {
+                        if d.domid != si.domid {
+                            println!("  {} ({})", domain_line(d).as_str(), state_name(d.state));
+                        }
+                    }
+                    break;
+                }
             }
+            // SAFETY: no pointers; wakes on any event or after 5 ms.
+            let _ = unsafe { hc::sched_poll(time::now_ns() + 5_000_000) };
         }
         microhv_guest::shutdown(SHUTDOWN_POWEROFF)
     }

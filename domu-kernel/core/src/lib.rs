@@ -28,6 +28,53 @@ pub fn pattern(name: &str, page: u64, index: u64) -> u64 {
     h ^ (page << 32) ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
+/// A ping-pong request on the DomU-to-DomU ring.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, zerocopy::FromBytes, zerocopy::IntoBytes, zerocopy::Immutable, zerocopy::KnownLayout)]
+pub struct Ping {
+    pub seq: u32,
+    pub _pad: u32,
+    pub value: u64,
+    /// The sender's TSC when it queued the request (for round-trip times).
+    pub sent_tsc: u64,
+}
+
+/// The answer: `value` transformed by [`pong_value`], so the front end can
+/// check every answer.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, zerocopy::FromBytes, zerocopy::IntoBytes, zerocopy::Immutable, zerocopy::KnownLayout)]
+pub struct Pong {
+    pub seq: u32,
+    pub _pad: u32,
+    pub value: u64,
+    pub sent_tsc: u64,
+}
+
+/// The value the front end sends with message `seq`.
+pub fn ping_value(seq: u32) -> u64 {
+    (seq as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5555_aaaa_5555_aaaa
+}
+
+/// What the back end answers.
+pub fn pong_value(v: u64) -> u64 {
+    v.rotate_left(17) ^ 0x0123_4567_89ab_cdef
+}
+
+/// Running checksum over message values (both ends compute it over the
+/// requests, so the two must print the same number).
+pub fn checksum(acc: u64, v: u64) -> u64 {
+    (acc ^ v).wrapping_mul(0x0100_0000_01b3).rotate_left(5)
+}
+
+/// Median and 95th percentile of a sample (sorted in place).
+pub fn median_p95(xs: &mut [u64]) -> (u64, u64) {
+    if xs.is_empty() {
+        return (0, 0);
+    }
+    xs.sort_unstable();
+    (xs[xs.len() / 2], xs[(xs.len() * 95 / 100).min(xs.len() - 1)])
+}
+
 /// Formats nanoseconds as "12.345 ms" parts: (whole ms, thousandths).
 pub fn ms_parts(ns: u64) -> (u64, u64) {
     (ns / 1_000_000, (ns / 1000) % 1000)
@@ -53,6 +100,21 @@ mod tests {
         assert_ne!(pattern("domu1", 0, 0), pattern("domu1", 1, 0));
         assert_ne!(pattern("domu1", 0, 0), pattern("domu1", 0, 1));
         assert_eq!(pattern("x", 3, 4), pattern("x", 3, 4));
+    }
+
+    #[test]
+    fn ping_pong_values_and_checksum() {
+        assert_ne!(ping_value(1), ping_value(2));
+        assert_ne!(pong_value(ping_value(1)), ping_value(1));
+        let a = (0..100).fold(0, |c, s| checksum(c, ping_value(s)));
+        let b = (0..100).fold(0, |c, s| checksum(c, ping_value(s)));
+        assert_eq!(a, b);
+        // Order and content both matter.
+        let c = (0..100).rev().fold(0, |c, s| checksum(c, ping_value(s)));
+        assert_ne!(a, c);
+        assert_eq!(core::mem::size_of::<Ping>(), 24);
+        let mut xs = [5, 1, 9, 3, 7];
+        assert_eq!(median_p95(&mut xs), (5, 9));
     }
 
     #[test]

@@ -30,7 +30,8 @@ mod guest {
     }
 
     fn main(si: &'static StartInfo) -> ! {
-        let heap = microhv_guest::init_heap(si, BALLOON_PAGES);
+        // The balloon pages, and one more virtual slot for mapping a peer's ring.
+        let heap = microhv_guest::init_heap(si, BALLOON_PAGES + 1);
         // SAFETY (all hypercalls below): pointer arguments point at live locals.
         let abi = unsafe { hc::version(VERSION_ABI) }.unwrap_or(0);
         println!(
@@ -40,6 +41,7 @@ mod guest {
 
         timers(si);
         balloon(si);
+        pingpong::run(si);
 
         let mut yields = 0;
         for _ in 0..5 {
@@ -54,7 +56,7 @@ mod guest {
             Err(e) if e == Errno::EPERM => println!("privileged domctl_list refused as expected: {e}"),
             other => println!("privileged domctl_list: unexpected {other:?}"),
         }
-        println!("done: {} timer events handled; shutting down", events::events_seen());
+        println!("done: {} events handled; shutting down", events::events_seen());
         microhv_guest::shutdown(SHUTDOWN_POWEROFF)
     }
 
@@ -79,7 +81,7 @@ mod guest {
             }
             time::sleep_ns(1_000_000 + warm);
         }
-        let base = if si.name().ends_with('2') { 15 } else { 10 };
+        let base = if si.name().ends_with('2') { 30 } else { 20 };
         for (i, ms) in [base, base * 2, base * 5].into_iter().enumerate() {
             let asked = ms * 1_000_000;
             let t0 = time::now_ns();
@@ -155,6 +157,205 @@ mod guest {
             "balloon: {before} pages -> released {:?} -> {mid} -> populated {:?} -> {after}; new frames mapped, written and read back {}; past the limit: {over}",
             released, populated, if ok { "ok" } else { "FAILED" }
         );
+    }
+
+    /// DomU-to-DomU ping-pong: the peers find each other through the store,
+    /// the front end grants a ring page and offers an event channel, the back
+    /// end maps and binds them, and they exchange messages with a checksum.
+    mod pingpong {
+        extern crate alloc;
+        use alloc::format;
+        use alloc::vec::Vec;
+        use core::sync::atomic::{AtomicU64, Ordering};
+        use domu_core::{checksum, median_p95, ping_value, pong_value, Ping, Pong};
+        use microhv_guest::hypercall as hc;
+        use microhv_guest::mm::{self, SharedPage};
+        use microhv_guest::shared_abi::device::{check_transition_for, DeviceState, Role};
+        use microhv_guest::shared_abi::ring::{BackRing, FrontRing};
+        use microhv_guest::{events, println, store, time, DomId, Errno, GuestVa, Mfn, StartInfo};
+
+        const MESSAGES: u32 = 256;
+        const BATCH: u32 = 16;
+        const WAIT: u64 = 3_000_000_000;
+
+        static RING_EVENTS: AtomicU64 = AtomicU64::new(0);
+
+        fn on_ring(_port: u32) {
+            RING_EVENTS.fetch_add(1, Ordering::SeqCst);
+        }
+
+        struct Dev {
+            role: Role,
+            state: DeviceState,
+            path: alloc::string::String,
+        }
+
+        impl Dev {
+            fn set(&mut self, to: DeviceState) -> Result<(), Errno> {
+                check_transition_for(self.role, self.state, to)?;
+                store::write_str(&self.path, to.to_str())?;
+                self.state = to;
+                Ok(())
+            }
+        }
+
+        fn state_is(path: &str, want: DeviceState) -> Result<(), Errno> {
+            store::wait_for(path, WAIT, |v| DeviceState::from_value(v) == Ok(want)).map(|_| ())
+        }
+
+        fn wait_event(seen: u64) {
+            if RING_EVENTS.load(Ordering::SeqCst) == seen {
+                // SAFETY: no pointers; wakes on the ring's event or after 5 ms.
+                let _ = unsafe { hc::sched_poll(time::now_ns() + 5_000_000) };
+            }
+        }
+
+        pub fn run(si: &StartInfo) {
+            let home = store::home();
+            let Ok(peer) = store::read_u64(&format!("{home}/peer")) else {
+                println!("pingpong: no peer in the store; skipped");
+                return;
+            };
+            let r = if (si.domid as u64) < peer { front(si, DomId(peer as u16)) } else { back(si, DomId(peer as u16)) };
+            if let Err(e) = r {
+                println!("pingpong: FAILED: {e}");
+            }
+        }
+
+        fn front(_si: &StartInfo, peer: DomId) -> Result<(), Errno> {
+            let home = store::home();
+            let peer_home = microhv_guest::shared_abi::store::domain_path(peer);
+            let mut dev = Dev { role: Role::Frontend, state: DeviceState::Unknown, path: format!("{home}/pingpong/state") };
+            dev.set(DeviceState::Initialising)?;
+            // A zeroed, page-aligned page of our heap becomes the ring.
+            let layout = core::alloc::Layout::from_size_align(4096, 4096).map_err(|_| Errno::EINVAL)?;
+            // SAFETY: non-zero size; the page is never freed while shared.
+            let va = unsafe { alloc::alloc::alloc_zeroed(layout) } as u64;
+            let mfn = mm::translate(va).ok_or(Errno::EFAULT)?;
+            // SAFETY (hypercalls below): no pointers beyond live locals.
+            let gref = unsafe { hc::grant_access(peer, Mfn(mfn), 0) }?;
+            let port = unsafe { hc::evtchn_alloc_unbound(peer) }? as u32;
+            events::set_handler(port, on_ring);
+            events::unmask_port(port);
+            let mut page = SharedPage(va as *mut u8);
+            let mut ring: FrontRing<Ping, Pong> = FrontRing::init(&mut page);
+            store::write_str(&format!("{home}/pingpong/ring-ref"), &format!("{gref}"))?;
+            store::write_str(&format!("{home}/pingpong/event-channel"), &format!("{port}"))?;
+            dev.set(DeviceState::Initialised)?;
+            state_is(&format!("{peer_home}/pingpong/state"), DeviceState::Connected)?;
+            dev.set(DeviceState::Connected)?;
+
+            let (mut sent, mut got, mut bad, mut sum) = (0u32, 0u32, 0u32, 0u64);
+            let mut rtts: Vec<u64> = Vec::with_capacity(MESSAGES as usize);
+            let t0 = time::now_ns();
+            while got < MESSAGES {
+                while sent < MESSAGES && sent - got < BATCH {
+                    let v = ping_value(sent);
+                    sum = checksum(sum, v);
+                    ring.push_request(&mut page, &Ping { seq: sent, _pad: 0, value: v, sent_tsc: time::now_ns() })
+                        .map_err(Errno::from)?;
+                    sent += 1;
+                }
+                if ring.push_requests_and_check_notify(&mut page) {
+                    let _ = unsafe { hc::evtchn_send(port as u64) };
+                }
+                let seen = RING_EVENTS.load(Ordering::SeqCst);
+                let mut any = false;
+                while let Some(p) = ring.take_response(&page).map_err(Errno::from)? {
+                    any = true;
+                    got += 1;
+                    rtts.push(time::now_ns().saturating_sub(p.sent_tsc));
+                    if p.value != pong_value(ping_value(p.seq)) {
+                        bad += 1;
+                    }
+                }
+                if !any && !ring.final_check_for_responses(&mut page).map_err(Errno::from)? {
+                    wait_event(seen);
+                }
+                if time::now_ns() - t0 > WAIT {
+                    return Err(Errno::EAGAIN);
+                }
+            }
+            let total = time::now_ns() - t0;
+            let (med, p95) = median_p95(&mut rtts);
+            println!(
+                "pingpong with domain {} (front end): sent {sent}, received {got} answers, {bad} wrong, checksum {sum:#018x}, round trip median {} us, p95 {} us, {} events",
+                peer.0, med / 1000, p95 / 1000, RING_EVENTS.load(Ordering::SeqCst)
+            );
+            let _ = total;
+            dev.set(DeviceState::Closing)?;
+            state_is(&format!("{peer_home}/pingpong/state"), DeviceState::Closed)?;
+            unsafe { hc::grant_end(gref) }?;
+            unsafe { hc::evtchn_close(port as u64) }?;
+            dev.set(DeviceState::Closed)?;
+            Ok(())
+        }
+
+        fn back(si: &StartInfo, peer: DomId) -> Result<(), Errno> {
+            let home = store::home();
+            let peer_home = microhv_guest::shared_abi::store::domain_path(peer);
+            let mut dev = Dev { role: Role::Backend, state: DeviceState::Unknown, path: format!("{home}/pingpong/state") };
+            dev.set(DeviceState::Initialising)?;
+            dev.set(DeviceState::InitWait)?;
+            state_is(&format!("{peer_home}/pingpong/state"), DeviceState::Initialised)?;
+            let gref = store::read_u64(&format!("{peer_home}/pingpong/ring-ref"))?;
+            let rport = store::read_u64(&format!("{peer_home}/pingpong/event-channel"))?;
+            // Our spare virtual slot, just below the balloon pages.
+            let va = si.virt_base + (si.nr_pages - super::BALLOON_PAGES - 1) * mm::PAGE;
+            if mm::translate(va).is_some() {
+                mm::unmap(va)?;
+            }
+            // SAFETY (hypercalls below): the VA is our own empty slot.
+            unsafe { hc::grant_map(peer, gref, GuestVa(va), 1) }?;
+            let port = unsafe { hc::evtchn_bind_interdomain(peer, rport) }? as u32;
+            events::set_handler(port, on_ring);
+            events::unmask_port(port);
+            let mut page = SharedPage(va as *mut u8);
+            let mut ring: BackRing<Ping, Pong> = BackRing::attach(&page);
+            dev.set(DeviceState::Connected)?;
+
+            let (mut served, mut sum) = (0u32, 0u64);
+            let t0 = time::now_ns();
+            let mut last_look = 0;
+            loop {
+                let seen = RING_EVENTS.load(Ordering::SeqCst);
+                let mut any = false;
+                while let Some(p) = ring.take_request(&page).map_err(Errno::from)? {
+                    any = true;
+                    served += 1;
+                    sum = checksum(sum, p.value);
+                    ring.push_response(&mut page, &Pong { seq: p.seq, _pad: 0, value: pong_value(p.value), sent_tsc: p.sent_tsc })
+                        .map_err(Errno::from)?;
+                }
+                if any {
+                    if ring.push_responses_and_check_notify(&mut page) {
+                        let _ = unsafe { hc::evtchn_send(port as u64) };
+                    }
+                    continue;
+                }
+                if ring.final_check_for_requests(&mut page).map_err(Errno::from)? {
+                    continue;
+                }
+                let now = time::now_ns();
+                if served >= MESSAGES || now - last_look > 20_000_000 {
+                    last_look = now;
+                    let s = store::read(&format!("{peer_home}/pingpong/state")).unwrap_or_default();
+                    if DeviceState::from_value(&s) == Ok(DeviceState::Closing) {
+                        break;
+                    }
+                }
+                if now - t0 > WAIT {
+                    return Err(Errno::EAGAIN);
+                }
+                wait_event(seen);
+            }
+            println!("pingpong with domain {} (back end): served {served} requests, checksum {sum:#018x}", peer.0);
+            dev.set(DeviceState::Closing)?;
+            unsafe { hc::grant_unmap(peer, gref, GuestVa(va)) }?;
+            unsafe { hc::evtchn_close(port as u64) }?;
+            dev.set(DeviceState::Closed)?;
+            Ok(())
+        }
     }
 
     fn alloc_free_result(n: u64) -> &'static str {

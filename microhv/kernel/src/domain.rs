@@ -529,8 +529,12 @@ pub fn raise(hv: &mut Hv, idx: usize, port: u32) {
         return;
     }
     if d.raise_port(port) {
-        if d.vcpu.polling {
+        // A vCPU sleeping in sched_poll returns 1 ("woken by an event"). Only
+        // then: its saved RAX is live guest state at any other time.
+        let blocked = matches!(hv.sched.state(VcpuId(idx)), Some(microhv_core::sched::RunState::Blocked { .. }));
+        if d.vcpu.polling && blocked {
             d.vcpu.regs.rax = 1;
+            d.vcpu.polling = false;
         }
         hv.sched.wake(VcpuId(idx));
     }
@@ -620,7 +624,7 @@ pub fn end(hv: &mut Hv, idx: usize, reason: EndReason) {
 pub fn flush_console(d: &mut Domain) {
     if !d.console_line.is_empty() {
         let line = core::mem::take(&mut d.console_line);
-        println!("[{}] {}", d.name, String::from_utf8_lossy(&line));
+        println!("({}) {}", d.name, String::from_utf8_lossy(&line));
     }
 }
 
@@ -630,7 +634,7 @@ pub fn console_write(d: &mut Domain, bytes: &[u8]) {
         match b {
             b'\n' => {
                 let line = core::mem::take(&mut d.console_line);
-                println!("[{}] {}", d.name, String::from_utf8_lossy(&line));
+                println!("({}) {}", d.name, String::from_utf8_lossy(&line));
             }
             b'\r' => {}
             // Control characters other than tab are shown as '?'.
@@ -729,6 +733,7 @@ pub fn schedule(frame: &mut TrapFrame, force: bool) {
         let Some(n) = next else { continue };
         // (The current vCPU's registers were saved at entry, and hypercalls
         // update the saved copy, so nothing needs saving here.)
+        hv.domains[n].vcpu.polling = false;
         if hv.current != Some(n) {
             hv.current = Some(n);
             hv.ran_since = now;

@@ -4,10 +4,58 @@
 use core::fmt::{self, Write};
 use shared_abi::GuestVa;
 
-pub fn write_bytes(b: &[u8]) {
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+/// An alternative output for this guest's console (Dom0 drives the UART itself).
+static SINK: AtomicUsize = AtomicUsize::new(0);
+
+/// Sends all console output to `f` instead (used by Dom0, which owns the UART).
+pub fn set_sink(f: fn(&[u8])) {
+    SINK.store(f as usize, Ordering::SeqCst);
+}
+
+/// microhv's debug console: one hypercall per 4 KiB. microhv prints the
+/// lines as `(name) text`.
+pub fn debug_write(b: &[u8]) {
     for chunk in b.chunks(shared_abi::hypercall::CONSOLE_WRITE_MAX as usize) {
         // SAFETY: the buffer is valid for `len` bytes of reading.
         let _ = unsafe { crate::hypercall::console_write(GuestVa(chunk.as_ptr() as u64), chunk.len() as u64) };
+    }
+}
+
+/// The PV console: bytes go into the `out` ring of the console page shared
+/// with Dom0's backend, which prints them as `[name] text`. If the ring stays
+/// full (no backend), the rest goes to the debug console instead.
+fn ring_write(si: &crate::StartInfo, mut b: &[u8]) {
+    let mut page = crate::mm::SharedPage(si.console_va as *mut u8);
+    let mut stalls = 0;
+    while !b.is_empty() {
+        let n = shared_abi::console::write_out(&mut page, b);
+        b = &b[n..];
+        // SAFETY: no pointers. Fails harmlessly until Dom0 has bound the port.
+        let _ = unsafe { crate::hypercall::evtchn_send(si.console_evtchn) };
+        if n == 0 {
+            stalls += 1;
+            if stalls > 2000 {
+                debug_write(b);
+                return;
+            }
+            // SAFETY: no pointers; lets Dom0 drain the ring.
+            let _ = unsafe { crate::hypercall::sched_yield() };
+        }
+    }
+}
+
+pub fn write_bytes(b: &[u8]) {
+    let sink = SINK.load(Ordering::SeqCst);
+    if sink != 0 {
+        // SAFETY: only `fn(&[u8])` values are stored by set_sink.
+        let f: fn(&[u8]) = unsafe { core::mem::transmute::<usize, fn(&[u8])>(sink) };
+        return f(b);
+    }
+    match crate::try_start_info() {
+        Some(si) if si.console_va != 0 => ring_write(si, b),
+        _ => debug_write(b),
     }
 }
 

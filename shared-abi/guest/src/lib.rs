@@ -23,6 +23,7 @@ pub mod console;
 pub mod events;
 pub mod hypercall;
 pub mod mm;
+pub mod store;
 pub mod time;
 pub mod traps;
 
@@ -41,6 +42,13 @@ pub fn start_info() -> &'static StartInfo {
     // SAFETY: set once at entry to the address microhv passed, which stays
     // mapped (read-write, our own page) for the guest's whole life.
     unsafe { &*p }
+}
+
+/// start_info, if the guest has started (the console works before that too).
+pub fn try_start_info() -> Option<&'static StartInfo> {
+    let p = START_INFO.load(Ordering::Relaxed) as *const StartInfo;
+    // SAFETY: as in start_info().
+    (!p.is_null()).then(|| unsafe { &*p })
 }
 
 /// Ends the domain: `reason` is `SHUTDOWN_POWEROFF` (0) or `SHUTDOWN_CRASH` (1).
@@ -82,6 +90,13 @@ pub fn __start(si: *const StartInfo) {
         shutdown(shared_abi::hypercall::SHUTDOWN_CRASH);
     }
     traps::install();
+    // The console and store ports wake us when Dom0 answers.
+    for port in [si.console_evtchn, si.store_evtchn] {
+        if port != 0 {
+            events::unmask_port(port as u32);
+        }
+    }
+    events::unmask_events();
 }
 
 /// Declares the guest's entry point: `_start` (RSI = start_info, RSP = boot
