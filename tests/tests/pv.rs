@@ -47,6 +47,17 @@ fn dom0_and_two_domus_do_their_work_and_shut_down_cleanly() {
         }
     }
     assert!(lines_of(out, "[domu1] balloon: 2048 pages -> released Ok(16) -> 2032 -> populated Ok(16) -> 2048").len() == 1, "{out}");
+    // The ping-pong: both ends saw the same 256 messages.
+    assert_contains(out, &["[dom0] store: paired domu1 and domu2 for the ping-pong demo"]);
+    let front = lines_of(out, "[domu1] pingpong with domain 2 (front end): sent 256, received 256 answers, 0 wrong, checksum ");
+    let back = lines_of(out, "[domu2] pingpong with domain 1 (back end): served 256 requests, checksum ");
+    assert_eq!((front.len(), back.len()), (1, 1), "{out}");
+    let sum_of = |l: &str| l.split("checksum ").nth(1).and_then(|t| t.split([',', ' ']).next()).map(str::to_string);
+    assert_eq!(sum_of(front[0]), sum_of(back[0]), "checksums differ:\n{}\n{}", front[0], back[0]);
+    // Every DomU line came through Dom0's console backend ("[name]"), none
+    // through microhv's debug console ("(name)").
+    assert!(!out.lines().any(|l| l.starts_with("(domu")), "{out}");
+    assert_contains(out, &["console backend: domu1 disconnected (domain ended)", "console backend: domu2 disconnected (domain ended)"]);
     // Every line a domain printed carries its name.
     for l in out.lines().filter(|l| l.starts_with('[') && !l.starts_with("[ ")) {
         assert!(l.starts_with("[dom0] ") || l.starts_with("[domu1] ") || l.starts_with("[domu2] "), "unprefixed line: {l}");
@@ -66,6 +77,9 @@ const ATTACKS: &[&str] = &[
     "balloon",
     "evtchn",
     "grant",
+    "store-snoop",
+    "console-garbage",
+    "store-garbage",
 ];
 
 #[test]
@@ -75,10 +89,10 @@ fn hostile_guests_get_errors_or_are_ended_while_the_others_run_on() {
     for a in ATTACKS {
         run.modules.push(format!("hostile.elf name=h-{a} attack={a} mem=2M"));
     }
-    // Domain ids follow module order: dom0 0, domu1 1, the attacks 2..=12,
-    // then the grant pair 13 and 14, which name each other.
-    run.modules.push("hostile.elf name=h-grant-owner attack=grant-owner peer=14 mem=2M".into());
-    run.modules.push("hostile.elf name=h-grant-user attack=grant-user peer=13 mem=2M".into());
+    // Domain ids follow module order: dom0 0, domu1 1, the attacks 2..=15,
+    // then the grant pair 16 and 17, which name each other.
+    run.modules.push("hostile.elf name=h-grant-owner attack=grant-owner peer=17 mem=2M".into());
+    run.modules.push("hostile.elf name=h-grant-user attack=grant-user peer=16 mem=2M".into());
     let r = run.run().expect("QEMU");
     let out = &r.serial;
     // Some hostile domains end badly, so the run as a whole reports failure;
@@ -89,7 +103,7 @@ fn hostile_guests_get_errors_or_are_ended_while_the_others_run_on() {
     assert!(!out.contains("-> FAIL"), "{out}");
 
     // Attacks answered with error codes (or #GP delivered to the guest): all checks pass.
-    for a in ["map-foreign", "priv-insn", "ring3-hypercall", "bad-pointers", "unknown-hypercall", "balloon", "evtchn", "grant", "grant-owner", "grant-user"] {
+    for a in ["map-foreign", "priv-insn", "ring3-hypercall", "bad-pointers", "unknown-hypercall", "balloon", "evtchn", "grant", "store-snoop", "grant-owner", "grant-user"] {
         let prefix = format!("[h-{a}] ATTACK {a}: all ");
         assert!(out.lines().any(|l| l.starts_with(&prefix) && l.ends_with("checks ok")), "attack {a} did not pass:\n{out}");
         assert!(out.contains(&format!("'h-{a}' ended: poweroff")), "{out}");
@@ -117,6 +131,17 @@ fn hostile_guests_get_errors_or_are_ended_while_the_others_run_on() {
         "[h-grant-owner] check revoke the read-only grant while the peer maps it: got Err(EBUSY(-16))",
         "[h-grant-owner] check revoke it after the peer unmapped it: got Ok(0)",
         "[h-grant-user] check map a grant of a domain that has ended: got Err(ESRCH(-3))",
+        "[h-store-snoop] check read domu1's subtree: got Err(EACCES(-13))",
+        "[h-store-snoop] check write into dom0's subtree: got Err(EACCES(-13))",
+        "[h-store-snoop] check a 3000-byte value: got Err(E2BIG(-7))",
+        "[h-store-snoop] check set 100 watches: got Err(ENOSPC(-28))",
+        // Garbage on the shared rings: Dom0 drops that connection and goes on.
+        "console backend: h-console-garbage: bad producer index",
+        "(h-console-garbage) ATTACK console-garbage: corrupted the console ring and slept; still running",
+        "store: h-store-garbage: bad frame",
+        "(h-store-garbage) ATTACK store-garbage: wrote 6 bytes of a bad frame; store read afterwards: Err(",
+        "'h-console-garbage' ended: poweroff",
+        "'h-store-garbage' ended: poweroff",
     ]);
     // Faults: reading a hypervisor address with no handler is ended by microhv;
     // writing the entry area or a page table faults into the guest's own handler.
@@ -135,7 +160,7 @@ fn hostile_guests_get_errors_or_are_ended_while_the_others_run_on() {
         "'domu1' ended: poweroff",
         "[dom0] all DomUs have ended:",
         "'dom0' ended: poweroff",
-        "microhv: summary: 15 domains ran: dom0 poweroff, domu1 poweroff",
+        "microhv: summary: 18 domains ran: dom0 poweroff, domu1 poweroff",
     ]);
     for s in lines_of(out, "[domu1] sleep") {
         assert!(s.ends_with(" ok"), "{s}");

@@ -16,7 +16,7 @@ const FLAG_MMAP: u32 = 1 << 6;
 const FLAG_LOADER_NAME: u32 = 1 << 9;
 
 /// Upper bounds on what we accept from the loader.
-pub const MAX_MODULES: usize = 16;
+pub const MAX_MODULES: usize = 32;
 pub const MAX_STRING: usize = 256;
 pub const MAX_MMAP_BYTES: usize = 4096;
 

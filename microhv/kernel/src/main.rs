@@ -116,9 +116,11 @@ mod start {
             Err(_) => fail("memory map has too many disjoint ranges"),
         };
 
-        let mut modules = RangeSet::<16>::new();
+        let mut modules = RangeSet::<{ microhv_core::multiboot::MAX_MODULES }>::new();
         for m in info.modules() {
-            let _ = modules.add(m.range);
+            if modules.add(m.range).is_err() {
+                fail("too many boot modules to keep track of");
+            }
         }
         if let Err(e) = mm::build_allocator(&map, &modules) {
             fail(e);

@@ -101,7 +101,7 @@ pub struct MemorySummary {
 }
 
 /// Everything that must never be handed out: image, modules, low 1 MiB.
-pub fn build_allocator(map: &MemoryMap, modules: &RangeSet<16>) -> Result<(), &'static str> {
+pub fn build_allocator(map: &MemoryMap, modules: &RangeSet<{ microhv_core::multiboot::MAX_MODULES }>) -> Result<(), &'static str> {
     let layout = image_layout();
     let mut free = map.usable.clone();
     let err = "memory map too fragmented";
@@ -117,7 +117,7 @@ pub fn build_allocator(map: &MemoryMap, modules: &RangeSet<16>) -> Result<(), &'
 }
 
 /// Builds and loads the hypervisor's page tables, then sets up the heap.
-pub fn init(map: &MemoryMap, modules: &RangeSet<16>, apic_base: u64) -> Result<MemorySummary, MapError> {
+pub fn init(map: &MemoryMap, modules: &RangeSet<{ microhv_core::multiboot::MAX_MODULES }>, apic_base: u64) -> Result<MemorySummary, MapError> {
     let layout = image_layout();
     let mut pt = PageTables::new(AllocatorTables)?;
 

@@ -14,7 +14,7 @@ use microhv_core::PAGE_SIZE;
 const TICK_HZ: u64 = 100;
 const TICK_WINDOW_MS: u64 = 300;
 
-pub fn run(summary: &MemorySummary, modules: &RangeSet<16>) -> Result<(), String> {
+pub fn run(summary: &MemorySummary, modules: &RangeSet<{ microhv_core::multiboot::MAX_MODULES }>) -> Result<(), String> {
     check_wx(summary.cr3)?;
     check_heap()?;
     check_frames(modules)?;
@@ -62,7 +62,7 @@ fn check_heap() -> Result<(), String> {
     Ok(())
 }
 
-fn check_frames(modules: &RangeSet<16>) -> Result<(), String> {
+fn check_frames(modules: &RangeSet<{ microhv_core::multiboot::MAX_MODULES }>) -> Result<(), String> {
     const N: usize = 256;
     let image = mm::image_layout().image;
     let before = mm::free_frames();

@@ -87,6 +87,9 @@ mod guest {
             "balloon" => balloon(si),
             "evtchn" => evtchn(),
             "grant" => grant(si),
+            "store-snoop" => store_snoop(si),
+            "console-garbage" => console_garbage(si),
+            "store-garbage" => store_garbage(si),
             "grant-owner" => grant_owner(peer(si)),
             "grant-user" => grant_user(peer(si)),
             other => println!("unknown attack '{other}'"),
@@ -161,6 +164,68 @@ mod guest {
         check("end a grant that does not exist", unsafe { hc::grant_end(200) }, Errno::EINVAL);
         ok_check("end our grant", unsafe { hc::grant_end(gref) });
         check("end it again (stale)", unsafe { hc::grant_end(gref) }, Errno::EINVAL);
+    }
+
+    fn store_snoop(si: &StartInfo) {
+        use microhv_guest::shared_abi::store::{Request, Response};
+        use microhv_guest::store;
+        let home = store::home();
+        ok_check("write in our own subtree", store::write_str(&alloc::format!("{home}/mine"), "x").map(|_| 0));
+        check("read domu1's subtree", store::read("/local/domain/1/name").map(|_| 0), Errno::EACCES);
+        check("list domu1's subtree", store::directory("/local/domain/1").map(|_| 0), Errno::EACCES);
+        check("write into dom0's subtree", store::write_str("/local/domain/0/evil", "1").map(|_| 0), Errno::EACCES);
+        check("write into domu1's subtree", store::write_str("/local/domain/1/evil", "1").map(|_| 0), Errno::EACCES);
+        check("write at the root", store::write_str("/evil", "1").map(|_| 0), Errno::EACCES);
+        check("a path with ..", store::read(&alloc::format!("{home}/../1/name")).map(|_| 0), Errno::EINVAL);
+        let big = alloc::vec![b'x'; 3000];
+        check("a 3000-byte value", store::write(&alloc::format!("{home}/big"), &big).map(|_| 0), Errno::E2BIG);
+        let watch = |n: u32| store::request(Request::Watch { path: home.clone(), token: alloc::format!("t{n}") });
+        let mut last = Ok(Response::Ok);
+        for n in 0..100 {
+            last = watch(n);
+            if !matches!(last, Ok(Response::Ok)) {
+                break;
+            }
+        }
+        let got = match last {
+            Ok(Response::Error(e)) => Err(Errno(e)),
+            Ok(_) => Ok(0),
+            Err(e) => Err(e),
+        };
+        check("set 100 watches", got, Errno::ENOSPC);
+        let _ = si;
+    }
+
+    /// Corrupts the producer index of our console ring: Dom0's backend must
+    /// notice and stop reading it, and keep serving everyone else.
+    fn console_garbage(si: &StartInfo) {
+        use microhv_guest::shared_abi::console::OUT_PROD_OFF;
+        use microhv_guest::shared_abi::ring::SharedMem;
+        println!("about to corrupt the console ring");
+        microhv_guest::time::sleep_ns(10_000_000);
+        let mut page = mm::SharedPage(si.console_va as *mut u8);
+        page.write_u32(OUT_PROD_OFF, 0xdead_beef);
+        // SAFETY: no pointers.
+        let _ = unsafe { hc::evtchn_send(si.console_evtchn) };
+        microhv_guest::time::sleep_ns(50_000_000);
+        // Our console is gone now; report on microhv's debug console instead.
+        microhv_guest::console::debug_write(b"ATTACK console-garbage: corrupted the console ring and slept; still running\n");
+        microhv_guest::shutdown(SHUTDOWN_POWEROFF)
+    }
+
+    /// Sends a frame header claiming 60000 bytes on the store ring: Dom0 must
+    /// drop our store connection, not buffer forever or crash.
+    fn store_garbage(si: &StartInfo) {
+        let mut page = mm::SharedPage(si.store_va as *mut u8);
+        let n = microhv_guest::shared_abi::console::write_out(&mut page, &[0x60, 0xea, 1, 2, 3, 4]);
+        // SAFETY: no pointers.
+        let _ = unsafe { hc::evtchn_send(si.store_evtchn) };
+        microhv_guest::time::sleep_ns(50_000_000);
+        let after = microhv_guest::store::read(&alloc::format!("{}/name", microhv_guest::store::home()));
+        microhv_guest::console::debug_write(
+            alloc::format!("ATTACK store-garbage: wrote {n} bytes of a bad frame; store read afterwards: {after:?}\n").as_bytes(),
+        );
+        microhv_guest::shutdown(SHUTDOWN_POWEROFF)
     }
 
     fn sleep_until_ms(t0: u64, ms: u64) {
