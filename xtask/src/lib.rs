@@ -278,6 +278,10 @@ pub struct QemuRun {
     /// `-icount shift=0,sleep=off`: virtual time counts instructions (deterministic).
     pub icount: bool,
     pub extra_args: Vec<String>,
+    /// Bytes typed on the serial line (QEMU's stdin); `None`: no input.
+    pub input: Option<Vec<u8>>,
+    /// Let the user type on the serial line (stdin passed through).
+    pub interactive: bool,
 }
 
 #[derive(Debug)]
@@ -300,6 +304,8 @@ impl QemuRun {
             echo: false,
             icount: false,
             extra_args: Vec::new(),
+            input: None,
+            interactive: false,
         }
     }
 
@@ -331,9 +337,25 @@ impl QemuRun {
     /// Boots and waits for microhv to power off, or for the timeout.
     pub fn run(&self) -> Result<RunResult> {
         let mut cmd = self.command();
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let stdin = if self.interactive {
+            Stdio::inherit()
+        } else if self.input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        };
+        cmd.stdin(stdin).stdout(Stdio::piped()).stderr(Stdio::piped());
         let start = Instant::now();
         let mut child = cmd.spawn().context("starting qemu-system-x86_64")?;
+        if let (Some(bytes), Some(mut pipe)) = (self.input.clone(), child.stdin.take()) {
+            // Kept open (in the thread) until QEMU exits, so QEMU never sees EOF.
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let _ = pipe.write_all(&bytes);
+                let _ = pipe.flush();
+                std::thread::sleep(Duration::from_secs(3600));
+            });
+        }
         let serial = Arc::new(Mutex::new(String::new()));
         let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
         let echo = self.echo;

@@ -36,6 +36,10 @@ enum Cmd {
         /// Deterministic virtual time: QEMU's clock counts instructions.
         #[arg(long)]
         icount: bool,
+        /// Type on the serial line: Dom0 takes commands (help, list, quit) and
+        /// Ctrl-] switches the input to a DomU; Dom0 stays up until `quit`.
+        #[arg(long)]
+        interactive: bool,
     },
     /// Run every test: host unit tests and the QEMU system tests.
     Test,
@@ -66,7 +70,7 @@ fn run(cli: Cli) -> Result<i32> {
             println!("xtask: images in {}", images.dir.display());
             Ok(0)
         }
-        Cmd::Qemu { release, accel, cmdline, timeout, icount } => {
+        Cmd::Qemu { release, accel, cmdline, timeout, icount, interactive } => {
             ensure_qemu()?;
             let images = build_images(release)?;
             let (accel, why) = match accel {
@@ -79,6 +83,12 @@ fn run(cli: Cli) -> Result<i32> {
             run.timeout = Duration::from_secs(timeout);
             run.echo = true;
             run.icount = icount;
+            if interactive {
+                run.interactive = true;
+                run.timeout = Duration::from_secs(24 * 3600);
+                run.modules[0].push_str(" interactive");
+                println!("xtask: interactive: type `help` for Dom0's commands; Ctrl-] switches the input to a DomU");
+            }
             let result = run.run()?;
             println!("xtask: {} ({:.1} s, accelerator {})", result.outcome.describe(), result.wall.as_secs_f64(), accel.name());
             Ok(result.outcome.exit_code())

@@ -7,6 +7,7 @@
 
 extern crate alloc;
 
+pub mod input;
 pub mod store;
 
 use core::fmt::Write;

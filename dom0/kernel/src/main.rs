@@ -40,6 +40,11 @@ mod uart {
         outb(COM1, b);
     }
 
+    /// A byte typed on the serial line, if one is waiting.
+    pub fn get() -> Option<u8> {
+        (inb(LSR) & 1 != 0).then(|| inb(COM1))
+    }
+
     /// Writes one complete line with a `[name] ` prefix.
     pub fn line(name: &str, text: &[u8]) {
         put(b'[');
@@ -75,6 +80,7 @@ mod guest {
     use alloc::format;
     use alloc::string::String;
     use alloc::vec::Vec;
+    use dom0_core::input::{Action, InputRouter};
     use dom0_core::store::{Perm, Store};
     use dom0_core::{domain_line, state_name};
     use microhv_guest::hypercall as hc;
@@ -293,6 +299,16 @@ mod guest {
             println!("store: paired {} and {} for the ping-pong demo", name_of(pair[0]), name_of(pair[1]));
         }
         println!("console backend and store serving {} DomUs", backends.len());
+        let interactive = si.cmdline().split_ascii_whitespace().any(|w| w == "interactive");
+        let mut router = InputRouter::new();
+        for b in &backends {
+            router.add_domu(b.id, &b.name);
+        }
+        println!(
+            "serial input goes to dom0 (commands: help, list, quit); Ctrl-] switches it to the next DomU{}",
+            if interactive { "; interactive: dom0 stays up until `quit`" } else { "" }
+        );
+        let mut quit = false;
 
         // Serve until every DomU has ended and its console is drained.
         let start = time::now_ns();
@@ -311,6 +327,48 @@ mod guest {
                     send_frame(b, 0, r);
                 }
             }
+            // Serial input: to our command line or to the chosen DomU's console.
+            let mut typed = [0u8; 64];
+            let mut k = 0;
+            while k < typed.len() {
+                match uart::get() {
+                    Some(c) => {
+                        typed[k] = c;
+                        k += 1;
+                    }
+                    None => break,
+                }
+            }
+            for action in router.feed(&typed[..k]) {
+                match action {
+                    Action::Dom0Line(l) => {
+                        println!("input: {l}");
+                        match l.trim() {
+                            "help" => println!("commands: help, list, quit; Ctrl-] switches input to the next DomU"),
+                            "list" => {
+                                let n = list(&mut info);
+                                for d in &info[..n] {
+                                    println!("  {}", domain_line(d).as_str());
+                                }
+                            }
+                            "quit" => quit = true,
+                            other => println!("unknown command '{other}' (try help)"),
+                        }
+                    }
+                    Action::ToDomU(id, bytes) => {
+                        if let Some(b) = backends.iter().find(|b| b.id == id && b.connected) {
+                            let mut page = SharedPage(b.console_va as *mut u8);
+                            let _ = console::write_in(&mut page, &bytes);
+                            // SAFETY: no pointers.
+                            let _ = unsafe { hc::evtchn_send(b.console_port as u64) };
+                        }
+                    }
+                    Action::Switched(t) => match t {
+                        Some((_, name)) => println!("serial input now goes to {name} (Ctrl-] switches)"),
+                        None => println!("serial input now goes to dom0 (Ctrl-] switches)"),
+                    },
+                }
+            }
             let now = time::now_ns();
             if now >= next_check {
                 next_check = now + 20_000_000;
@@ -321,11 +379,15 @@ mod guest {
                             drain_console(b);
                             disconnect(b, &mut slots, "domain ended");
                             store.release_domain(d.domid);
+                            if let Some(Action::Switched(None)) = router.remove_domu(d.domid) {
+                                println!("serial input now goes to dom0 ({} ended)", name_of(d));
+                            }
                         }
                     }
                 }
                 let alive = info[..n].iter().filter(|d| d.domid != si.domid && d.state != DOMSTATE_DEAD).count();
-                if alive == 0 || now - start > 60_000_000_000 {
+                let done = if interactive { quit } else { alive == 0 || quit };
+                if done || (!interactive && now - start > 60_000_000_000) {
                     println!("all DomUs have ended:");
                     for d in &info[..n] {
                         if d.domid != si.domid {

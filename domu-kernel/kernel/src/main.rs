@@ -56,6 +56,11 @@ mod guest {
             Err(e) if e == Errno::EPERM => println!("privileged domctl_list refused as expected: {e}"),
             other => println!("privileged domctl_list: unexpected {other:?}"),
         }
+        let mut input = [0u8; 128];
+        let n = microhv_guest::console::read_input(&mut input);
+        if n > 0 {
+            println!("console input received: {:?}", core::str::from_utf8(&input[..n]).unwrap_or("(not UTF-8)").trim_end());
+        }
         println!("done: {} events handled; shutting down", events::events_seen());
         microhv_guest::shutdown(SHUTDOWN_POWEROFF)
     }

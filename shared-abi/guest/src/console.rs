@@ -59,6 +59,18 @@ pub fn write_bytes(b: &[u8]) {
     }
 }
 
+/// Reads console input that Dom0 forwarded to this DomU (typed on the serial
+/// line after switching to it). Returns the number of bytes read.
+pub fn read_input(buf: &mut [u8]) -> usize {
+    match crate::try_start_info() {
+        Some(si) if si.console_va != 0 => {
+            let mut page = crate::mm::SharedPage(si.console_va as *mut u8);
+            shared_abi::console::read_in(&mut page, buf).unwrap_or(0)
+        }
+        _ => 0,
+    }
+}
+
 pub fn write_str(s: &str) {
     write_bytes(s.as_bytes());
 }
