@@ -259,8 +259,12 @@ pub const SHUTDOWN_POWEROFF: u64 = 0;
 pub const SHUTDOWN_CRASH: u64 = 1;
 
 /// Virtual IRQs for `evtchn_bind_virq`.
+/// The vCPU's one-shot timer fired.
 pub const VIRQ_TIMER: u64 = 0;
-pub const VIRQ_COUNT: u64 = 1;
+/// Dom0 only: a DomU wrote to microhv's debug console (`console_write`),
+/// e.g. because its PV console stopped working.
+pub const VIRQ_CONSOLE: u64 = 1;
+pub const VIRQ_COUNT: u64 = 2;
 
 /// Most bytes one `console_write` takes.
 pub const CONSOLE_WRITE_MAX: u64 = 4096;

@@ -138,6 +138,8 @@ fn hostile_guests_get_errors_or_are_ended_while_the_others_run_on() {
         "[h-balloon] check populate one page past the limit: got Err(ENOMEM(-12))",
         "[h-evtchn] check send on an unbound port: got Err(EINVAL(-22))",
         "[h-evtchn] check bind VIRQ_TIMER twice: got Err(EEXIST(-17))",
+        "[h-evtchn] check bind VIRQ_CONSOLE (Dom0's): got Err(EPERM(-1))",
+        "[dom0] VIRQ_CONSOLE: DomUs wrote to microhv's debug console",
         "[h-evtchn] check close a port that is not open: got Err(EINVAL(-22))",
         "got Err(ENOSPC(-28)), want ENOSPC -> ok",
         "[h-grant] check map a forged reference of dom0: got Err(EINVAL(-22))",

@@ -250,6 +250,7 @@ fn constants() -> Vec<(&'static str, Vec<Konst>)> {
             "Virtual IRQs",
             konsts! {
                 hypercall::VIRQ_TIMER, Dec, "the one-shot timer armed with `set_timer` fired";
+                hypercall::VIRQ_CONSOLE, Dec, "Dom0 only: a DomU wrote to microhv's debug console";
                 hypercall::VIRQ_COUNT, Dec, "number of virtual IRQs";
             },
         ),

@@ -94,6 +94,12 @@ mod guest {
 
     const SLOTS: usize = 64;
 
+    static DEBUG_CONSOLE_EVENTS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+    fn on_virq_console(_port: u32) {
+        DEBUG_CONSOLE_EVENTS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Dom0's end of one DomU's console and store.
     struct Backend {
         id: u16,
@@ -309,6 +315,11 @@ mod guest {
             if interactive { "; interactive: dom0 stays up until `quit`" } else { "" }
         );
         let mut quit = false;
+        // Learn when a DomU falls back to microhv's debug console.
+        let virq_console = microhv_guest::events::bind_virq(VIRQ_CONSOLE, on_virq_console);
+        if let Err(e) = virq_console {
+            println!("bind VIRQ_CONSOLE failed: {e}");
+        }
 
         // Serve until every DomU has ended and its console is drained.
         let start = time::now_ns();
@@ -388,6 +399,10 @@ mod guest {
                 let alive = info[..n].iter().filter(|d| d.domid != si.domid && d.state != DOMSTATE_DEAD).count();
                 let done = if interactive { quit } else { alive == 0 || quit };
                 if done || (!interactive && now - start > 60_000_000_000) {
+                    let n_dbg = DEBUG_CONSOLE_EVENTS.load(core::sync::atomic::Ordering::Relaxed);
+                    if n_dbg > 0 {
+                        println!("VIRQ_CONSOLE: DomUs wrote to microhv's debug console {n_dbg} times");
+                    }
                     println!("all DomUs have ended:");
                     for d in &info[..n] {
                         if d.domid != si.domid {

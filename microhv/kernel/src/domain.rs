@@ -521,6 +521,13 @@ pub fn send_virq(hv: &mut Hv, idx: usize, virq: u64) {
     }
 }
 
+/// Raises VIRQ `virq` for a domain only if it has bound it.
+pub fn send_virq_bound(hv: &mut Hv, idx: usize, virq: u64) {
+    if let Some(port) = hv.evtchn.virq_port(hv.domains[idx].id, virq as u32) {
+        raise(hv, idx, port);
+    }
+}
+
 /// Marks `port` of domain `idx` pending; wakes the domain when that makes an
 /// upcall due.
 pub fn raise(hv: &mut Hv, idx: usize, port: u32) {

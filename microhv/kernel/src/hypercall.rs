@@ -95,6 +95,11 @@ fn dispatch(hv: &mut Hv, cur: usize, call: Call) -> Outcome {
                 return Ret(Err(e));
             }
             domain::console_write(&mut hv.domains[cur], &bytes);
+            if !hv.domains[cur].privileged {
+                if let Some(d0) = domain::index_of(hv, shared_abi::DomId::DOM0) {
+                    domain::send_virq_bound(hv, d0, VIRQ_CONSOLE);
+                }
+            }
             Ret(Ok(len))
         }
         Call::SchedYield {} => Reschedule(Ok(0)),
@@ -197,6 +202,9 @@ fn dispatch(hv: &mut Hv, cur: usize, call: Call) -> Outcome {
         Call::EvtchnBindVirq { virq } => {
             if virq >= VIRQ_COUNT {
                 return Ret(Err(Errno::EINVAL));
+            }
+            if virq == VIRQ_CONSOLE && !hv.domains[cur].privileged {
+                return Ret(Err(Errno::EPERM));
             }
             let id = hv.domains[cur].id;
             Ret(hv.evtchn.bind_virq(id, virq as u32, VIRQ_COUNT as u32).map(u64::from))

@@ -123,6 +123,7 @@ mod guest {
         check("allocate a port for a domain that does not exist", unsafe { hc::evtchn_alloc_unbound(DomId(999)) }, Errno::ESRCH);
         ok_check("bind VIRQ_TIMER", unsafe { hc::evtchn_bind_virq(VIRQ_TIMER) });
         check("bind VIRQ_TIMER twice", unsafe { hc::evtchn_bind_virq(VIRQ_TIMER) }, Errno::EEXIST);
+        check("bind VIRQ_CONSOLE (Dom0's)", unsafe { hc::evtchn_bind_virq(VIRQ_CONSOLE) }, Errno::EPERM);
         let mut st = EvtchnStatus::default();
         check("status of a port out of range", unsafe { hc::evtchn_status(1 << 20, GuestVa(&mut st as *mut _ as u64)) }, Errno::EINVAL);
         check("status into the hypervisor area", unsafe { hc::evtchn_status(p, GuestVa(HYPERVISOR_VA_START)) }, Errno::EFAULT);
