@@ -115,6 +115,13 @@ macro_rules! for_each_hypercall {
             /// `out`: the grant references and ports of its console and store
             /// pages, which Dom0's backends map and bind.
             33 DOMCTL_CHANNELS DomctlChannels domctl_channels(domid: DomId, out: GuestVa) [PV - DOM0];
+            /// Privileged: stop running DomU `domid` until `domctl_unpause`.
+            34 DOMCTL_PAUSE DomctlPause domctl_pause(domid: DomId) [PV - DOM0];
+            /// Privileged: let a paused DomU run again.
+            35 DOMCTL_UNPAUSE DomctlUnpause domctl_unpause(domid: DomId) [PV - DOM0];
+            /// Privileged: end DomU `domid` now, whatever it is doing, and give
+            /// back every frame, grant, event channel and mapping it held.
+            36 DOMCTL_DESTROY DomctlDestroy domctl_destroy(domid: DomId) [PV - DOM0];
         }
     };
 }
@@ -391,6 +398,7 @@ const _: () = assert!(size_of::<DomainChannels>() == 16);
 pub const DOMSTATE_RUNNING: u8 = 0;
 pub const DOMSTATE_BLOCKED: u8 = 1;
 pub const DOMSTATE_DEAD: u8 = 2;
+pub const DOMSTATE_PAUSED: u8 = 3;
 
 /// `domctl_list` record.
 #[repr(C)]
@@ -437,7 +445,7 @@ mod tests {
 
     #[test]
     fn unknown_numbers_are_enosys_never_success() {
-        for n in [0, 34, 40, 63, 1000, u64::MAX] {
+        for n in [0, 37, 40, 63, 1000, u64::MAX] {
             assert_eq!(Call::decode(n, [0; 5]), Err(Errno::ENOSYS), "number {n}");
             assert_eq!(check_access(n, GuestKind::Pv, true).err(), Some(Errno::ENOSYS));
         }

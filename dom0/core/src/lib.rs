@@ -11,13 +11,14 @@ pub mod input;
 pub mod store;
 
 use core::fmt::Write;
-use shared_abi::hypercall::{DomainInfo, DOMSTATE_BLOCKED, DOMSTATE_DEAD, DOMSTATE_RUNNING};
+use shared_abi::hypercall::{DomainInfo, DOMSTATE_BLOCKED, DOMSTATE_DEAD, DOMSTATE_PAUSED, DOMSTATE_RUNNING};
 
 pub fn state_name(state: u8) -> &'static str {
     match state {
         DOMSTATE_RUNNING => "running",
         DOMSTATE_BLOCKED => "blocked",
         DOMSTATE_DEAD => "ended",
+        DOMSTATE_PAUSED => "paused",
         _ => "unknown",
     }
 }

@@ -311,7 +311,7 @@ mod guest {
             router.add_domu(b.id, &b.name);
         }
         println!(
-            "serial input goes to dom0 (commands: help, list, quit); Ctrl-] switches it to the next DomU{}",
+            "serial input goes to dom0 (commands: help, list, pause, unpause, destroy, quit); Ctrl-] switches it to the next DomU{}",
             if interactive { "; interactive: dom0 stays up until `quit`" } else { "" }
         );
         let mut quit = false;
@@ -355,7 +355,7 @@ mod guest {
                     Action::Dom0Line(l) => {
                         println!("input: {l}");
                         match l.trim() {
-                            "help" => println!("commands: help, list, quit; Ctrl-] switches input to the next DomU"),
+                            "help" => println!("commands: help, list, pause <name>, unpause <name>, destroy <name>, quit; Ctrl-] switches input to the next DomU"),
                             "list" => {
                                 let n = list(&mut info);
                                 for d in &info[..n] {
@@ -363,6 +363,28 @@ mod guest {
                                 }
                             }
                             "quit" => quit = true,
+                            cmd if cmd.starts_with("pause ") || cmd.starts_with("unpause ") || cmd.starts_with("destroy ") => {
+                                let (verb, target) = cmd.split_once(' ').unwrap_or((cmd, ""));
+                                let n = list(&mut info);
+                                match info[..n].iter().find(|d| name_of(d) == target.trim()) {
+                                    None => println!("{verb}: no domain named '{}'", target.trim()),
+                                    Some(d) => {
+                                        let id = DomId(d.domid);
+                                        // SAFETY: no pointers.
+                                        let r = unsafe {
+                                            match verb {
+                                                "pause" => hc::domctl_pause(id),
+                                                "unpause" => hc::domctl_unpause(id),
+                                                _ => hc::domctl_destroy(id),
+                                            }
+                                        };
+                                        match r {
+                                            Ok(_) => println!("{verb} {}: done", target.trim()),
+                                            Err(e) => println!("{verb} {}: {e}", target.trim()),
+                                        }
+                                    }
+                                }
+                            }
                             other => println!("unknown command '{other}' (try help)"),
                         }
                     }

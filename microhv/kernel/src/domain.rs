@@ -29,17 +29,20 @@ pub enum EndReason {
     CrashRequested(u64),
     /// microhv ended it (unhandled fault, bad state).
     Killed(String),
+    /// Dom0's toolstack destroyed it.
+    Destroyed,
 }
 
 impl EndReason {
     pub fn clean(&self) -> bool {
-        matches!(self, EndReason::Poweroff)
+        matches!(self, EndReason::Poweroff | EndReason::Destroyed)
     }
     pub fn describe(&self) -> String {
         match self {
             EndReason::Poweroff => "poweroff".into(),
             EndReason::CrashRequested(r) => alloc::format!("crash (requested, reason {r})"),
             EndReason::Killed(why) => alloc::format!("killed: {why}"),
+            EndReason::Destroyed => "destroyed by dom0".into(),
         }
     }
 }
@@ -73,6 +76,9 @@ pub struct Domain {
     pub ended: Option<EndReason>,
     pub console_line: Vec<u8>,
     pub cpu_ns: u64,
+    /// Paused by Dom0 (off the scheduler until unpaused).
+    pub paused: bool,
+    pub weight: u16,
     /// DomUs: the console and store pages and ports offered to Dom0.
     pub channels: Option<shared_abi::hypercall::DomainChannels>,
 }
@@ -171,6 +177,7 @@ impl Domain {
     pub fn info(&self, sched: &Scheduler, idx: usize) -> DomainInfo {
         let state = match (&self.ended, sched.state(VcpuId(idx))) {
             (Some(_), _) => DOMSTATE_DEAD,
+            (None, _) if self.paused => shared_abi::hypercall::DOMSTATE_PAUSED,
             (None, Some(microhv_core::sched::RunState::Blocked { .. })) => DOMSTATE_BLOCKED,
             _ => DOMSTATE_RUNNING,
         };
@@ -285,6 +292,8 @@ fn create(hv: &mut Hv, id: DomId, file: &[u8], args: &str, privileged: bool) -> 
         ended: None,
         console_line: Vec::new(),
         cpu_ns: 0,
+        paused: false,
+        weight,
         channels: None,
     };
     // Events start masked until the guest is ready for upcalls.
@@ -721,7 +730,7 @@ pub fn schedule(frame: &mut TrapFrame, force: bool) {
                     let Some(until) = until else {
                         log::error!("every live domain is blocked with nothing that could wake it; ending them");
                         for i in 0..hv.domains.len() {
-                            if hv.domains[i].ended.is_none() {
+                            if hv.domains[i].ended.is_none() && !hv.domains[i].paused {
                                 kill(hv, i, "blocked forever (no timer, no event source)".into());
                             }
                         }

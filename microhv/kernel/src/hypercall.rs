@@ -316,6 +316,34 @@ fn dispatch(hv: &mut Hv, cur: usize, call: Call) -> Outcome {
             }
             Ret(write_guest(hv, cur, out, &b).map(|_| 0))
         }
+        Call::DomctlPause { domid } => Ret(domctl_target(hv, domid).map(|i| {
+            let d = &mut hv.domains[i];
+            if !d.paused {
+                d.paused = true;
+                hv.sched.remove(VcpuId(i));
+                log::info!("domain {} '{}' paused by dom0", d.id.0, d.name);
+            }
+            0
+        })),
+        Call::DomctlUnpause { domid } => Ret(domctl_target(hv, domid).map(|i| {
+            let d = &mut hv.domains[i];
+            if d.paused {
+                d.paused = false;
+                // Back on the scheduler as runnable: a vCPU that was blocked
+                // sees its block/poll return early, which the ABI allows.
+                let w = d.weight;
+                hv.sched.add(VcpuId(i), w);
+                log::info!("domain {} '{}' unpaused by dom0", d.id.0, d.name);
+            }
+            0
+        })),
+        Call::DomctlDestroy { domid } => match domctl_target(hv, domid) {
+            Ok(i) => {
+                domain::end(hv, i, EndReason::Destroyed);
+                Ret(Ok(0))
+            }
+            Err(e) => Ret(Err(e)),
+        },
         Call::DomctlList { out, max } => {
             let n = hv.domains.len();
             let k = (max as usize).min(n);
@@ -563,4 +591,12 @@ fn grant_copy(hv: &mut Hv, cur: usize, op: GuestVa) -> Result<u64, Errno> {
         write_guest(hv, cur, local, &buf)?;
     }
     Ok(len as u64)
+}
+
+/// The index of a live DomU that domain control may act on (never Dom0).
+fn domctl_target(hv: &Hv, domid: shared_abi::DomId) -> Result<usize, Errno> {
+    if domid == shared_abi::DomId::DOM0 {
+        return Err(Errno::EINVAL);
+    }
+    domain::index_of(hv, domid).ok_or(Errno::ESRCH)
 }

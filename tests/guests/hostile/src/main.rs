@@ -90,6 +90,10 @@ mod guest {
             "store-snoop" => store_snoop(si),
             "console-garbage" => console_garbage(si),
             "store-garbage" => store_garbage(si),
+            "sleeper" => loop {
+                // Sleeps forever, in short naps, until Dom0 destroys it.
+                microhv_guest::time::sleep_ns(5_000_000);
+            },
             "grant-owner" => grant_owner(peer(si)),
             "grant-user" => grant_user(peer(si)),
             other => println!("unknown attack '{other}'"),
@@ -492,13 +496,20 @@ mod guest {
     }
 
     fn unknown_hypercall() {
-        for nr in [0u64, 34, 63, 999, u64::MAX] {
+        for nr in [0u64, 37, 63, 999, u64::MAX] {
             // SAFETY: unknown numbers take no pointers.
             let r = Errno::result(unsafe { hc::raw(nr, [1, 2, 3, 4, 5]) });
             check(&alloc::format!("hypercall number {nr:#x}"), r, Errno::ENOSYS);
         }
         let mut out = [DomainInfo::default(); 2];
+        // Every domain-control hypercall is Dom0's alone.
         check("privileged domctl_list from a DomU", unsafe { hc::domctl_list(GuestVa(out.as_mut_ptr() as u64), 2) }, Errno::EPERM);
+        let mut ch = DomainChannels::default();
+        check("domctl_channels from a DomU", unsafe { hc::domctl_channels(DomId(1), GuestVa(&mut ch as *mut _ as u64)) }, Errno::EPERM);
+        check("domctl_pause of domu1 from a DomU", unsafe { hc::domctl_pause(DomId(1)) }, Errno::EPERM);
+        check("domctl_unpause from a DomU", unsafe { hc::domctl_unpause(DomId(1)) }, Errno::EPERM);
+        check("domctl_destroy of dom0 from a DomU", unsafe { hc::domctl_destroy(DomId(0)) }, Errno::EPERM);
+        check("domctl_destroy of domu1 from a DomU", unsafe { hc::domctl_destroy(DomId(1)) }, Errno::EPERM);
         check("version with an unknown command", unsafe { hc::version(77) }, Errno::EINVAL);
         check("bind an unknown VIRQ", unsafe { hc::evtchn_bind_virq(1000) }, Errno::EINVAL);
     }
