@@ -122,6 +122,28 @@ macro_rules! for_each_hypercall {
             /// Privileged: end DomU `domid` now, whatever it is doing, and give
             /// back every frame, grant, event channel and mapping it held.
             36 DOMCTL_DESTROY DomctlDestroy domctl_destroy(domid: DomId) [PV - DOM0];
+            /// Privileged: describe the boot modules microhv handed to Dom0 (the
+            /// toolstack's configurations and images): up to `max` `ModuleInfo`
+            /// records to `out`; returns how many modules there are. Their frames
+            /// belong to Dom0, which maps them read-only with `mmu_update`.
+            37 DOMCTL_MODULES DomctlModules domctl_modules(out: GuestVa, max: u64) [PV - DOM0];
+            /// Privileged: create an empty, paused DomU as the `DomainCreate` at
+            /// `spec` describes, with its memory allocated. Returns its domid.
+            38 DOMCTL_CREATE DomctlCreate domctl_create(spec: GuestVa) [PV - DOM0];
+            /// Privileged: write the machine frames of DomU `domid` (its pfn ->
+            /// mfn list) to `out`, at most `max`; returns the count.
+            39 DOMCTL_GET_FRAMES DomctlGetFrames domctl_get_frames(domid: DomId, out: GuestVa, max: u64) [PV - DOM0];
+            /// Privileged: map frame `mfn` of DomU `domid`, which is still being
+            /// built (never started), writable at Dom0's address `va` (an empty
+            /// L1 entry).
+            40 DOMCTL_MAP DomctlMap domctl_map(domid: DomId, mfn: Mfn, va: GuestVa) [PV - DOM0];
+            /// Privileged: undo `domctl_map` at `va`.
+            41 DOMCTL_UNMAP DomctlUnmap domctl_unmap(domid: DomId, mfn: Mfn, va: GuestVa) [PV - DOM0];
+            /// Privileged: start DomU `domid` from the `DomainStart` at `ctx`:
+            /// microhv validates and pins its page tables, sets up shared_info,
+            /// its console and store pages, and makes its vCPU runnable. Dom0
+            /// must have unmapped all its `domctl_map` mappings first.
+            42 DOMCTL_START DomctlStart domctl_start(domid: DomId, ctx: GuestVa) [PV - DOM0];
         }
     };
 }
@@ -394,11 +416,61 @@ pub struct DomainChannels {
 
 const _: () = assert!(size_of::<DomainChannels>() == 16);
 
+/// `domctl_modules` record.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModuleInfo {
+    /// First machine frame; the module is physically contiguous.
+    pub start_mfn: u64,
+    pub size: u64,
+    /// The module's command line (file name first), NUL-terminated.
+    pub name: [u8; 48],
+}
+
+impl Default for ModuleInfo {
+    fn default() -> Self {
+        ModuleInfo { start_mfn: 0, size: 0, name: [0; 48] }
+    }
+}
+
+const _: () = assert!(size_of::<ModuleInfo>() == 64);
+
+/// `domctl_create` argument.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DomainCreate {
+    pub nr_pages: u64,
+    pub max_pages: u64,
+    pub weight: u16,
+    pub _pad: [u8; 6],
+    pub name: [u8; 32],
+}
+
+const _: () = assert!(size_of::<DomainCreate>() == 56);
+
+/// `domctl_start` argument: where the domain builder put things.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DomainStart {
+    pub entry: u64,
+    pub stack_top: u64,
+    pub start_info_va: u64,
+    pub l4_mfn: u64,
+    pub shared_info_pfn: u64,
+    pub start_info_pfn: u64,
+    pub first_free_pfn: u64,
+    pub virt_base: u64,
+}
+
+const _: () = assert!(size_of::<DomainStart>() == 64);
+
 /// Domain states in `DomainInfo::state`.
 pub const DOMSTATE_RUNNING: u8 = 0;
 pub const DOMSTATE_BLOCKED: u8 = 1;
 pub const DOMSTATE_DEAD: u8 = 2;
 pub const DOMSTATE_PAUSED: u8 = 3;
+/// Created by the toolstack, being built, not started yet.
+pub const DOMSTATE_BUILDING: u8 = 4;
 
 /// `domctl_list` record.
 #[repr(C)]
@@ -445,7 +517,7 @@ mod tests {
 
     #[test]
     fn unknown_numbers_are_enosys_never_success() {
-        for n in [0, 37, 40, 63, 1000, u64::MAX] {
+        for n in [0, 43, 50, 63, 1000, u64::MAX] {
             assert_eq!(Call::decode(n, [0; 5]), Err(Errno::ENOSYS), "number {n}");
             assert_eq!(check_access(n, GuestKind::Pv, true).err(), Some(Errno::ENOSYS));
         }

@@ -6,7 +6,7 @@
 
 use crate::project_root;
 use anyhow::{bail, Context, Result};
-use shared_abi::hypercall::{self, DomainChannels, DomainInfo, EvtchnStatus, GrantCopy, IretFrame, MemoryInfo, MmuUpdate, TrapInfo, TABLE};
+use shared_abi::hypercall::{self, DomainChannels, DomainCreate, DomainStart, ModuleInfo, DomainInfo, EvtchnStatus, GrantCopy, IretFrame, MemoryInfo, MmuUpdate, TrapInfo, TABLE};
 use shared_abi::note::{PvNote, NOTE_NAME, NOTE_TYPE_PV};
 use shared_abi::shared_info::{SharedInfo, VcpuInfo, VcpuTime, EVTCHN_PORTS, MAX_VCPUS};
 use shared_abi::start_info::{StartInfo, CMDLINE_LEN, NAME_LEN};
@@ -177,6 +177,28 @@ fn layouts() -> Vec<Layout> {
             store_gref: u32,
             store_port: u32,
         }),
+        layout!(ModuleInfo at "hypercall", "The `domctl_modules` record." {
+            start_mfn: u64,
+            size: u64,
+            name: [u8; 48],
+        }),
+        layout!(DomainCreate at "hypercall", "The `domctl_create` argument." {
+            nr_pages: u64,
+            max_pages: u64,
+            weight: u16,
+            _pad: [u8; 6],
+            name: [u8; 32],
+        }),
+        layout!(DomainStart at "hypercall", "The `domctl_start` argument." {
+            entry: u64,
+            stack_top: u64,
+            start_info_va: u64,
+            l4_mfn: u64,
+            shared_info_pfn: u64,
+            start_info_pfn: u64,
+            first_free_pfn: u64,
+            virt_base: u64,
+        }),
         layout!(EvtchnStatus at "hypercall", "The `evtchn_status` result." {
             state: u32,
             remote_dom: u16,
@@ -272,6 +294,8 @@ fn constants() -> Vec<(&'static str, Vec<Konst>)> {
                 hypercall::DOMSTATE_RUNNING, Dec, "`DomainInfo::state`: running or runnable";
                 hypercall::DOMSTATE_BLOCKED, Dec, "`DomainInfo::state`: blocked";
                 hypercall::DOMSTATE_DEAD, Dec, "`DomainInfo::state`: shut down";
+                hypercall::DOMSTATE_PAUSED, Dec, "`DomainInfo::state`: paused by Dom0";
+                hypercall::DOMSTATE_BUILDING, Dec, "`DomainInfo::state`: created by the toolstack, not started";
                 hypercall::EVTCHN_STATE_FREE, Dec, "`EvtchnStatus::state`: port not in use";
                 hypercall::EVTCHN_STATE_UNBOUND, Dec, "`EvtchnStatus::state`: allocated for `remote_dom`, not yet bound";
                 hypercall::EVTCHN_STATE_INTERDOMAIN, Dec, "`EvtchnStatus::state`: connected to `remote_dom`:`detail`";

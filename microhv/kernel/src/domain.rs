@@ -78,6 +78,10 @@ pub struct Domain {
     pub cpu_ns: u64,
     /// Paused by Dom0 (off the scheduler until unpaused).
     pub paused: bool,
+    /// Created but not started yet (toolstack building it).
+    pub building: bool,
+    /// pfn -> mfn of its initial memory.
+    pub p2m: Vec<Mfn>,
     pub weight: u16,
     /// DomUs: the console and store pages and ports offered to Dom0.
     pub channels: Option<shared_abi::hypercall::DomainChannels>,
@@ -93,6 +97,10 @@ pub struct Hv {
     pub current: Option<usize>,
     pub slice_end: u64,
     pub ran_since: u64,
+    /// Boot modules handed to Dom0's toolstack (their frames are Dom0's).
+    pub dom0_modules: Vec<shared_abi::hypercall::ModuleInfo>,
+    /// The next domid `domctl_create` gives out (never reused).
+    pub next_domid: u16,
 }
 
 pub static HV: Mutex<Option<Hv>> = Mutex::new(None);
@@ -177,6 +185,7 @@ impl Domain {
     pub fn info(&self, sched: &Scheduler, idx: usize) -> DomainInfo {
         let state = match (&self.ended, sched.state(VcpuId(idx))) {
             (Some(_), _) => DOMSTATE_DEAD,
+            (None, _) if self.building => shared_abi::hypercall::DOMSTATE_BUILDING,
             (None, _) if self.paused => shared_abi::hypercall::DOMSTATE_PAUSED,
             (None, Some(microhv_core::sched::RunState::Blocked { .. })) => DOMSTATE_BLOCKED,
             _ => DOMSTATE_RUNNING,
@@ -208,15 +217,34 @@ fn parse_pages(s: &str) -> Option<u64> {
     num.parse::<u64>().ok()?.checked_mul(mult).map(|b| b / 4096)
 }
 
-/// Builds one PV domain from a boot module. On failure nothing is left behind.
-fn create(hv: &mut Hv, id: DomId, file: &[u8], args: &str, privileged: bool) -> Result<usize, String> {
-    let c = Cmdline(args);
-    let name = c.get("name").unwrap_or(if privileged { "dom0" } else { "domu" }).to_string();
-    let nr_pages = c.get("mem").and_then(parse_pages).unwrap_or(if privileged { 4096 } else { 2048 });
-    let max_pages = c.get("max").and_then(parse_pages).unwrap_or(nr_pages + 16).max(nr_pages);
-    let weight = c.get("weight").and_then(|w| w.parse::<u16>().ok()).unwrap_or(DEFAULT_WEIGHT);
-    let image = builder::parse_pv_image(file).map_err(|e| alloc::format!("{name}: {e}"))?;
+/// Where a domain builder put the pieces microhv needs to start a domain.
+#[derive(Debug, Clone, Copy)]
+pub struct StartLayout {
+    pub l4: Mfn,
+    pub entry: u64,
+    pub stack_top: u64,
+    pub start_info_va: u64,
+    pub shared_info_pfn: u64,
+    pub start_info_pfn: u64,
+    pub first_free_pfn: u64,
+    pub virt_base: u64,
+}
 
+/// Creates a domain with `nr_pages` of memory and no vCPU state yet
+/// ("building"): not on the scheduler until `start_domain`. On failure
+/// nothing is left behind.
+pub fn alloc_domain(
+    hv: &mut Hv,
+    id: DomId,
+    name: &str,
+    nr_pages: u64,
+    max_pages: u64,
+    weight: u16,
+    privileged: bool,
+) -> Result<usize, String> {
+    if hv.domains.iter().any(|d| d.id == id) {
+        return Err(alloc::format!("{name}: domain id {} already used", id.0));
+    }
     let mut frames: Vec<Mfn> = Vec::with_capacity(nr_pages as usize);
     let undo = |hv: &mut Hv, frames: &[Mfn]| {
         for &f in frames {
@@ -225,100 +253,137 @@ fn create(hv: &mut Hv, id: DomId, file: &[u8], args: &str, privileged: bool) -> 
         }
     };
     for _ in 0..nr_pages {
-        match mm::alloc_frame() {
-            Some(f) => {
-                let mfn = Mfn(f.0);
-                if hv.frames.assign(mfn, id).is_err() {
-                    let _ = mm::free_frame(f);
-                    undo(hv, &frames);
-                    return Err(alloc::format!("{name}: frame {:#x} not assignable", f.0));
-                }
-                frames.push(mfn);
-            }
-            None => {
-                undo(hv, &frames);
-                return Err(alloc::format!("{name}: out of memory for {nr_pages} pages"));
-            }
-        }
-    }
-    let cfg = DomainConfig { domid: id, name: &name, cmdline: args, privileged, max_pages };
-    let built = match builder::build(&mut Identity, &image, file, &frames, &cfg) {
-        Ok(b) => b,
-        Err(e) => {
+        let Some(f) = mm::alloc_frame() else {
             undo(hv, &frames);
-            return Err(alloc::format!("{name}: {e}"));
+            return Err(alloc::format!("{name}: out of memory for {nr_pages} pages"));
+        };
+        let mfn = Mfn(f.0);
+        // A new domain never sees another's old data.
+        Identity.zero(mfn);
+        if hv.frames.assign(mfn, id).is_err() {
+            let _ = mm::free_frame(f);
+            undo(hv, &frames);
+            return Err(alloc::format!("{name}: frame {:#x} not assignable", f.0));
         }
-    };
-    if let Err(e) = hv.frames.pin(&mut Identity, id, built.l4, 4) {
-        hv.frames.teardown(&mut Identity, id);
-        for &f in &frames {
-            let _ = mm::free_frame(microhv_core::frame::Mfn(f.0));
-        }
-        return Err(alloc::format!("{name}: the built page tables did not validate: {e:?}"));
+        frames.push(mfn);
     }
-    if let Err(e) = hv.frames.get_base(id, built.l4) {
-        hv.frames.teardown(&mut Identity, id);
-        for &f in &frames {
-            let _ = mm::free_frame(microhv_core::frame::Mfn(f.0));
-        }
-        return Err(alloc::format!("{name}: could not load the top-level table: {e:?}"));
-    }
-    hv.frames.set_special(built.shared_info_mfn, true);
-    let regs = TrapFrame {
-        rip: built.entry,
-        cs: cpu::GUEST_KERNEL_CS as u64,
-        rflags: 0x202,
-        rsp: built.stack_top,
-        ss: cpu::GUEST_KERNEL_DS as u64,
-        rsi: built.start_info_va,
-        ..TrapFrame::default()
-    };
     let dom = Domain {
         id,
-        name,
+        name: name.to_string(),
         privileged,
-        vcpu: Vcpu {
-            regs,
-            cr3: built.l4,
-            kernel_sp: 0,
-            traps: [0; 32],
-            callback: 0,
-            timer_deadline: None,
-            polling: false,
-        },
+        vcpu: Vcpu { regs: TrapFrame::default(), cr3: Mfn(0), kernel_sp: 0, traps: [0; 32], callback: 0, timer_deadline: None, polling: false },
         nr_pages,
-        max_pages,
-        shared_info: built.shared_info_mfn,
+        max_pages: max_pages.max(nr_pages),
+        shared_info: Mfn(0),
         ended: None,
         console_line: Vec::new(),
         cpu_ns: 0,
         paused: false,
+        building: true,
         weight,
         channels: None,
+        p2m: frames,
     };
-    // Events start masked until the guest is ready for upcalls.
-    dom.set_upcall_mask(true);
-    for w in 0..shared_abi::shared_info::EVTCHN_PORTS / 64 {
-        si_set_u64(dom.shared_info, OFF_EVT_MASK + w * 8, u64::MAX);
-    }
-    dom.write_time_record();
-    log::info!(
-        "domain {} '{}': {} pages ({} KiB, limit {} KiB), entry {:#x}, weight {weight}{}",
-        id.0, dom.name, nr_pages, nr_pages * 4, max_pages * 4, built.entry,
-        if privileged { ", privileged" } else { "" }
-    );
-    let idx = hv.domains.len();
     let _ = hv.evtchn.add_domain(id, DEFAULT_MAX_PORTS);
     let _ = hv.grants.add_domain(id, DEFAULT_MAX_GRANTS);
-    let mut dom = dom;
-    if !privileged {
-        match offer_channels(hv, id, &built, &frames) {
-            Ok(c) => dom.channels = Some(c),
-            Err(e) => log::warn!("{}: no console/store pages ({e}); it can still use the debug console", dom.name),
-        }
-    }
     hv.domains.push(dom);
-    hv.sched.add(VcpuId(idx), weight);
+    Ok(hv.domains.len() - 1)
+}
+
+/// Starts a built domain: validates and pins its tables (so whatever built
+/// them, microhv or Dom0's toolstack, the PV MMU rules hold), sets up
+/// shared_info and (for DomUs) the console and store pages, and puts its
+/// vCPU on the scheduler.
+pub fn start_domain(hv: &mut Hv, idx: usize, l: &StartLayout) -> Result<(), Errno> {
+    let d = &hv.domains[idx];
+    if !d.building || d.ended.is_some() {
+        return Err(Errno::EINVAL);
+    }
+    let (id, nr) = (d.id, d.nr_pages);
+    if l.shared_info_pfn >= nr || l.start_info_pfn >= nr || l.first_free_pfn > nr {
+        return Err(Errno::EINVAL);
+    }
+    let shared_info = d.p2m[l.shared_info_pfn as usize];
+    hv.frames.pin(&mut Identity, id, l.l4, 4)?;
+    if let Err(e) = hv.frames.get_base(id, l.l4) {
+        let _ = hv.frames.unpin(&mut Identity, id, l.l4);
+        return Err(e);
+    }
+    hv.frames.set_special(shared_info, true);
+    let channels = if hv.domains[idx].privileged {
+        None
+    } else {
+        let frames = hv.domains[idx].p2m.clone();
+        match offer_channels(hv, id, l, nr, &frames) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                log::warn!("{}: no console/store pages ({e}); it can still use the debug console", hv.domains[idx].name);
+                None
+            }
+        }
+    };
+    let d = &mut hv.domains[idx];
+    d.shared_info = shared_info;
+    d.channels = channels;
+    d.vcpu.regs = TrapFrame {
+        rip: l.entry,
+        cs: cpu::GUEST_KERNEL_CS as u64,
+        rflags: 0x202,
+        rsp: l.stack_top,
+        ss: cpu::GUEST_KERNEL_DS as u64,
+        rsi: l.start_info_va,
+        ..TrapFrame::default()
+    };
+    d.vcpu.cr3 = l.l4;
+    // Events start masked until the guest is ready for upcalls.
+    d.set_upcall_mask(true);
+    for w in 0..shared_abi::shared_info::EVTCHN_PORTS / 64 {
+        si_set_u64(d.shared_info, OFF_EVT_MASK + w * 8, u64::MAX);
+    }
+    d.write_time_record();
+    d.building = false;
+    let w = d.weight;
+    log::info!(
+        "domain {} '{}': {} pages ({} KiB, limit {} KiB), entry {:#x}, weight {w}{}",
+        id.0, d.name, d.nr_pages, d.nr_pages * 4, d.max_pages * 4, l.entry,
+        if d.privileged { ", privileged" } else { "" }
+    );
+    hv.sched.add(VcpuId(idx), w);
+    Ok(())
+}
+
+/// Builds one PV domain from a boot module. On failure nothing is left behind.
+fn create(hv: &mut Hv, id: DomId, file: &[u8], args: &str, privileged: bool) -> Result<usize, String> {
+    let c = Cmdline(args);
+    let name = c.get("name").unwrap_or(if privileged { "dom0" } else { "domu" }).to_string();
+    let nr_pages = c.get("mem").and_then(parse_pages).unwrap_or(if privileged { 4096 } else { 2048 });
+    let max_pages = c.get("max").and_then(parse_pages).unwrap_or(nr_pages + 16).max(nr_pages);
+    let weight = c.get("weight").and_then(|w| w.parse::<u16>().ok()).unwrap_or(DEFAULT_WEIGHT);
+    let image = builder::parse_pv_image(file).map_err(|e| alloc::format!("{name}: {e}"))?;
+    let idx = alloc_domain(hv, id, &name, nr_pages, max_pages, weight, privileged)?;
+    let frames = hv.domains[idx].p2m.clone();
+    let cfg = DomainConfig { domid: id, name: &name, cmdline: args, privileged, max_pages };
+    let fail = |hv: &mut Hv, why: String| -> Result<usize, String> {
+        end(hv, idx, EndReason::Killed(why.clone()));
+        Err(why)
+    };
+    let built = match builder::build(&mut Identity, &image, file, &frames, &cfg) {
+        Ok(b) => b,
+        Err(e) => return fail(hv, alloc::format!("{name}: {e}")),
+    };
+    let layout = StartLayout {
+        l4: built.l4,
+        entry: built.entry,
+        stack_top: built.stack_top,
+        start_info_va: built.start_info_va,
+        shared_info_pfn: built.layout.shared_info_pfn,
+        start_info_pfn: built.layout.start_info_pfn,
+        first_free_pfn: built.first_free_pfn,
+        virt_base: built.virt_base,
+    };
+    if let Err(e) = start_domain(hv, idx, &layout) {
+        return fail(hv, alloc::format!("{name}: the built page tables did not validate: {e:?}"));
+    }
     Ok(idx)
 }
 
@@ -349,11 +414,12 @@ impl shared_abi::ring::SharedMem for FramePage {
 fn offer_channels(
     hv: &mut Hv,
     id: DomId,
-    built: &builder::BuiltDomain,
+    built: &StartLayout,
+    nr_pages: u64,
     frames: &[Mfn],
 ) -> Result<shared_abi::hypercall::DomainChannels, Errno> {
     let pfn = built.first_free_pfn;
-    if pfn + 2 > built.nr_pages {
+    if pfn + 2 > nr_pages {
         return Err(Errno::ENOMEM);
     }
     let (console, store) = (frames[pfn as usize], frames[pfn as usize + 1]);
@@ -367,7 +433,7 @@ fn offer_channels(
     let console_port = hv.evtchn.alloc_unbound(id, dom0)?;
     let store_port = hv.evtchn.alloc_unbound(id, dom0)?;
     // Patch start_info (fields at fixed offsets, checked in shared-abi).
-    let si = frames[built.layout.start_info_pfn as usize];
+    let si = frames[built.start_info_pfn as usize];
     let va = |p: u64| built.virt_base + p * 4096;
     for (off, v) in [
         (core::mem::offset_of!(shared_abi::start_info::StartInfo, first_free_pfn), pfn + 2),
@@ -392,13 +458,37 @@ pub fn start(modules: &[(&'static [u8], String)], hv_l4_entry: u64) -> ! {
         current: None,
         slice_end: 0,
         ran_since: 0,
+        dom0_modules: Vec::new(),
+        next_domid: 1,
     };
     let mut failed = 0;
     let free_at_start = mm::free_frames();
     FREE_AT_START.store(free_at_start, core::sync::atomic::Ordering::Relaxed);
     log::info!("free memory before building domains: {free_at_start} frames");
+    // With `toolstack` on Dom0's module line, microhv builds only Dom0 and
+    // hands the other modules (configurations and images) to it.
+    let toolstack = modules.first().is_some_and(|(_, a)| Cmdline(a).flag("toolstack"));
     for (i, (file, args)) in modules.iter().enumerate() {
         let id = DomId(i as u16);
+        if toolstack && i > 0 {
+            let start = file.as_ptr() as u64;
+            let first = start / 4096;
+            let last = (start + file.len() as u64).div_ceil(4096);
+            let mut ok = true;
+            for f in first..last {
+                ok &= hv.frames.assign(Mfn(f), DomId::DOM0).is_ok();
+            }
+            let mut name = [0u8; 48];
+            let n = args.len().min(47);
+            name[..n].copy_from_slice(&args.as_bytes()[..n]);
+            if ok {
+                hv.dom0_modules.push(shared_abi::hypercall::ModuleInfo { start_mfn: first, size: file.len() as u64, name });
+                log::info!("module {i} ({args}) handed to dom0's toolstack");
+            } else {
+                log::error!("module {i} ({args}) could not be handed to dom0");
+            }
+            continue;
+        }
         if !builder::has_pv_note(file) {
             log::error!("module {i} ({args}): not a PV image (no microhv ELF note); HVM guests are not supported yet");
             failed += 1;
@@ -409,6 +499,7 @@ pub fn start(modules: &[(&'static [u8], String)], hv_l4_entry: u64) -> ! {
             failed += 1;
         }
     }
+    hv.next_domid = modules.len() as u16;
     if hv.domains.is_empty() {
         println!("microhv: no domain could be started ({failed} failed); powering off");
         power::off(shared_abi::exit::FAILURE);
@@ -614,6 +705,10 @@ pub fn end(hv: &mut Hv, idx: usize, reason: EndReason) {
         log::info!("domain {}: {} granted frames stay until their grantees unmap them", id.0, still_mapped.len());
     }
     for f in freed {
+        // Boot-module frames handed to Dom0 were never the allocator's.
+        if !mm::is_managed(f) {
+            continue;
+        }
         if let Err(e) = mm::free_frame(microhv_core::frame::Mfn(f.0)) {
             log::error!("domain {}: frame {:#x} could not be freed: {e:?}", id.0, f.0);
         }

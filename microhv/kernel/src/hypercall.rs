@@ -344,6 +344,101 @@ fn dispatch(hv: &mut Hv, cur: usize, call: Call) -> Outcome {
             }
             Err(e) => Ret(Err(e)),
         },
+        Call::DomctlModules { out, max } => {
+            let n = hv.dom0_modules.len();
+            let k = (max as usize).min(n);
+            let mut bytes = vec![0u8; k * 64];
+            for (i, m) in hv.dom0_modules.iter().take(k).enumerate() {
+                bytes[i * 64..i * 64 + 8].copy_from_slice(&m.start_mfn.to_le_bytes());
+                bytes[i * 64 + 8..i * 64 + 16].copy_from_slice(&m.size.to_le_bytes());
+                bytes[i * 64 + 16..i * 64 + 64].copy_from_slice(&m.name);
+            }
+            Ret(write_guest(hv, cur, out, &bytes).map(|_| n as u64))
+        }
+        Call::DomctlCreate { spec } => {
+            let mut b = [0u8; 56];
+            if let Err(e) = read_guest(hv, cur, spec, &mut b) {
+                return Ret(Err(e));
+            }
+            let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+            let (nr, max) = (u64_at(0), u64_at(8));
+            let weight = u16::from_le_bytes([b[16], b[17]]);
+            let end = b[24..56].iter().position(|&c| c == 0).unwrap_or(32);
+            let Ok(name) = core::str::from_utf8(&b[24..24 + end]) else { return Ret(Err(Errno::EINVAL)) };
+            // Sizes a toolstack may ask for: 16 pages to 1 GiB; a name.
+            if !(16..=(1 << 18)).contains(&nr) || max > (1 << 18) || name.is_empty() || weight == 0 {
+                return Ret(Err(Errno::EINVAL));
+            }
+            if nr > mm::free_frames() {
+                return Ret(Err(Errno::ENOMEM));
+            }
+            let id = shared_abi::DomId(hv.next_domid);
+            if hv.next_domid >= shared_abi::DomId::INVALID.0 {
+                return Ret(Err(Errno::ENOSPC));
+            }
+            match domain::alloc_domain(hv, id, name, nr, max.max(nr), weight, false) {
+                Ok(_) => {
+                    hv.next_domid += 1;
+                    log::info!("domain {} '{}' created by dom0 ({} pages), building", id.0, name, nr);
+                    Ret(Ok(id.0 as u64))
+                }
+                Err(e) => {
+                    log::warn!("domctl_create: {e}");
+                    Ret(Err(Errno::ENOMEM))
+                }
+            }
+        }
+        Call::DomctlGetFrames { domid, out, max } => {
+            let Some(i) = domain::index_of(hv, domid) else { return Ret(Err(Errno::ESRCH)) };
+            let p2m: alloc::vec::Vec<u8> = hv.domains[i].p2m.iter().take(max as usize).flat_map(|m| m.0.to_le_bytes()).collect();
+            let n = hv.domains[i].p2m.len() as u64;
+            Ret(write_guest(hv, cur, out, &p2m).map(|_| n))
+        }
+        Call::DomctlMap { domid, mfn, va } => {
+            let Ok(t) = domctl_target(hv, domid) else { return Ret(Err(Errno::ESRCH)) };
+            if !hv.domains[t].building {
+                return Ret(Err(Errno::EPERM));
+            }
+            let me = hv.domains[cur].id;
+            let ptr = match l1_entry(hv, cur, va) {
+                Ok(p) => p,
+                Err(e) => return Ret(Err(e)),
+            };
+            Ret(hv.frames.map_foreign(&mut Identity, me, ptr, domid, mfn, true).map(|_| 0))
+        }
+        Call::DomctlUnmap { domid: _, mfn, va } => {
+            let me = hv.domains[cur].id;
+            let ptr = match l1_entry(hv, cur, va) {
+                Ok(p) => p,
+                Err(e) => return Ret(Err(e)),
+            };
+            let r = hv.frames.unmap_foreign(&mut Identity, me, ptr, mfn).map(|_| 0);
+            domain::settle_grants(hv);
+            Ret(r)
+        }
+        Call::DomctlStart { domid, ctx } => {
+            let Ok(t) = domctl_target(hv, domid) else { return Ret(Err(Errno::ESRCH)) };
+            let mut b = [0u8; 64];
+            if let Err(e) = read_guest(hv, cur, ctx, &mut b) {
+                return Ret(Err(e));
+            }
+            let w = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
+            let l = domain::StartLayout {
+                entry: w(0),
+                stack_top: w(1),
+                start_info_va: w(2),
+                l4: Mfn(w(3)),
+                shared_info_pfn: w(4),
+                start_info_pfn: w(5),
+                first_free_pfn: w(6),
+                virt_base: w(7),
+            };
+            let canonical_low = |v: u64| v < HYPERVISOR_VA_START && microhv_core::paging::is_canonical(v);
+            if !canonical_low(l.entry) || !canonical_low(l.stack_top) || !canonical_low(l.start_info_va) {
+                return Ret(Err(Errno::EINVAL));
+            }
+            Ret(domain::start_domain(hv, t, &l).map(|_| 0))
+        }
         Call::DomctlList { out, max } => {
             let n = hv.domains.len();
             let k = (max as usize).min(n);

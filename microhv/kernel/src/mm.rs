@@ -110,6 +110,7 @@ pub fn build_allocator(map: &MemoryMap, modules: &RangeSet<{ microhv_core::multi
     for m in modules.iter() {
         free.remove(Range::new(m.start & !(PAGE_SIZE - 1), m.end.next_multiple_of(PAGE_SIZE))).map_err(|_| err)?;
     }
+    *MODULES.lock() = modules.clone();
     // SAFETY: called once during boot; nothing else refers to the bitmap.
     let bits = unsafe { &mut *core::ptr::addr_of_mut!(FRAME_BITMAP) };
     *FRAMES.lock() = Some(FrameAllocator::new(bits, &free));
@@ -220,13 +221,17 @@ pub fn free_frames() -> u64 {
 /// Machine memory through microhv's identity mapping of RAM.
 pub struct Identity;
 
+/// Boot modules (their frames may be handed to Dom0).
+static MODULES: Mutex<RangeSet<{ microhv_core::multiboot::MAX_MODULES }>> = Mutex::new(RangeSet::new());
+
 fn frame_ptr(mfn: microhv_core::machine::Mfn) -> *mut u8 {
-    let fa = FRAMES.lock();
-    let managed = fa.as_ref().map(|a| a.managed().contains(mfn.0 << 12)).unwrap_or(false);
-    // Only RAM that the allocator manages (and hence the identity map covers)
-    // is ever touched; anything else is a bug in the caller.
-    assert!(managed, "machine access to unmanaged frame {:#x}", mfn.0);
-    (mfn.0 << 12) as *mut u8
+    let addr = mfn.0 << 12;
+    let managed = FRAMES.lock().as_ref().map(|a| a.managed().contains(addr)).unwrap_or(false);
+    let module = MODULES.lock().iter().any(|r| r.start & !(PAGE_SIZE - 1) <= addr && addr < r.end);
+    // Only RAM that the allocator manages and the boot modules (both
+    // identity-mapped) are ever touched; anything else is a bug in the caller.
+    assert!(managed || module, "machine access to unmanaged frame {:#x}", mfn.0);
+    addr as *mut u8
 }
 
 impl microhv_core::machine::MachineMemory for Identity {
@@ -255,4 +260,9 @@ impl microhv_core::machine::MachineMemory for Identity {
 /// Frames the allocator can describe (for sizing the frame table).
 pub fn frame_limit() -> u64 {
     FRAMES.lock().as_ref().map_or(0, |a| a.managed().iter().map(|r| r.end).max().unwrap_or(0) / PAGE_SIZE)
+}
+
+/// True when the frame allocator manages `mfn` (usable RAM outside the image and modules).
+pub fn is_managed(mfn: microhv_core::machine::Mfn) -> bool {
+    FRAMES.lock().as_ref().is_some_and(|a| a.managed().contains(mfn.0 << 12))
 }

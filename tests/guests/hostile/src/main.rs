@@ -496,7 +496,7 @@ mod guest {
     }
 
     fn unknown_hypercall() {
-        for nr in [0u64, 37, 63, 999, u64::MAX] {
+        for nr in [0u64, 43, 63, 999, u64::MAX] {
             // SAFETY: unknown numbers take no pointers.
             let r = Errno::result(unsafe { hc::raw(nr, [1, 2, 3, 4, 5]) });
             check(&alloc::format!("hypercall number {nr:#x}"), r, Errno::ENOSYS);
@@ -510,6 +510,16 @@ mod guest {
         check("domctl_unpause from a DomU", unsafe { hc::domctl_unpause(DomId(1)) }, Errno::EPERM);
         check("domctl_destroy of dom0 from a DomU", unsafe { hc::domctl_destroy(DomId(0)) }, Errno::EPERM);
         check("domctl_destroy of domu1 from a DomU", unsafe { hc::domctl_destroy(DomId(1)) }, Errno::EPERM);
+        let mut mods = [ModuleInfo::default(); 2];
+        check("domctl_modules from a DomU", unsafe { hc::domctl_modules(GuestVa(mods.as_mut_ptr() as u64), 2) }, Errno::EPERM);
+        let spec = DomainCreate { nr_pages: 512, max_pages: 512, weight: 256, ..Default::default() };
+        check("domctl_create from a DomU", unsafe { hc::domctl_create(GuestVa(&spec as *const _ as u64)) }, Errno::EPERM);
+        let mut frames = [0u64; 4];
+        check("domctl_get_frames of domu1 from a DomU", unsafe { hc::domctl_get_frames(DomId(1), GuestVa(frames.as_mut_ptr() as u64), 4) }, Errno::EPERM);
+        check("domctl_map of domu1's frame from a DomU", unsafe { hc::domctl_map(DomId(1), Mfn(0x1000), GuestVa(0x40_0000)) }, Errno::EPERM);
+        check("domctl_unmap from a DomU", unsafe { hc::domctl_unmap(DomId(1), Mfn(0x1000), GuestVa(0x40_0000)) }, Errno::EPERM);
+        let st = DomainStart::default();
+        check("domctl_start from a DomU", unsafe { hc::domctl_start(DomId(1), GuestVa(&st as *const _ as u64)) }, Errno::EPERM);
         check("version with an unknown command", unsafe { hc::version(77) }, Errno::EINVAL);
         check("bind an unknown VIRQ", unsafe { hc::evtchn_bind_virq(1000) }, Errno::EINVAL);
     }
