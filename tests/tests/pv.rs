@@ -36,6 +36,8 @@ fn dom0_and_two_domus_do_their_work_and_shut_down_cleanly() {
     assert_contains(out, &[
         "[dom0] dom0 up: domid 0",
         "privileged: yes",
+        "[dom0] toolstack: created domu1 (domain 1) from domu1.toml: 2048 pages, kernel domu.elf",
+        "[dom0] toolstack: created domu2 (domain 2) from domu2.toml: 2048 pages, kernel domu.elf",
         "[dom0] privileged domctl_list succeeded: 3 domains",
         "[domu1] domu1 up: domid 1",
         "[domu2] domu2 up: domid 2",

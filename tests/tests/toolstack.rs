@@ -1,6 +1,6 @@
-//! Domain control from Dom0: pause, unpause and destroy DomUs by typing
-//! commands on Dom0's serial console. (Creating DomUs from configuration
-//! files is the toolstack issue's remaining work.)
+//! Dom0's toolstack: DomUs created from configuration files (broken ones
+//! refused with clear errors), and paused, unpaused and destroyed by typing
+//! commands on Dom0's serial console.
 
 use xtask::{test_run, Outcome};
 
@@ -35,6 +35,78 @@ fn dom0_pauses_unpauses_and_destroys_domus_and_everything_is_given_back() {
     ] {
         assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
     }
+    let line = out.lines().find(|l| l.starts_with("microhv: memory:")).expect("memory line");
+    let nums: Vec<u64> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    assert_eq!(nums[0], nums[1], "{line}");
+}
+
+/// Writes a file into the image directory (QEMU runs there) and returns its name.
+fn fixture(name: &str, bytes: &[u8]) -> String {
+    let images = xtask::images_for_tests();
+    std::fs::write(images.dir.join(name), bytes).expect("writing a test fixture");
+    name.to_string()
+}
+
+#[test]
+fn broken_configurations_and_images_are_refused_with_clear_errors() {
+    let images = xtask::images_for_tests();
+    let domu = std::fs::read(&images.domu).expect("domu.elf");
+    // A truncated image, and one for another architecture (e_machine = ARM64).
+    fixture("t-truncated.elf", &domu[..domu.len().min(3000)]);
+    let mut arm = domu.clone();
+    arm[18] = 183;
+    arm[19] = 0;
+    fixture("t-arm.elf", &arm);
+    // An image whose last segment has 4 MiB of bss: 1 MiB of memory is too small.
+    let mut big = domu.clone();
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(big[0x20..0x28].try_into().unwrap()) as usize;
+    let (phentsize, phnum) = (u16_at(&big, 0x36), u16_at(&big, 0x38));
+    let last_load = (0..phnum)
+        .map(|i| phoff + i * phentsize)
+        .filter(|&o| u32::from_le_bytes(big[o..o + 4].try_into().unwrap()) == 1)
+        .last()
+        .expect("a PT_LOAD segment");
+    let memsz = u64::from_le_bytes(big[last_load + 0x28..last_load + 0x30].try_into().unwrap());
+    big[last_load + 0x28..last_load + 0x30].copy_from_slice(&(memsz + (4 << 20)).to_le_bytes());
+    fixture("t-big.elf", &big);
+    let cfg = |name: &str, kernel: &str, memory: &str| {
+        format!("name = \"{name}\"\nkernel = \"{kernel}\"\nmemory = \"{memory}\"\nkind = \"pv\"\n")
+    };
+    let configs = [
+        fixture("t-trunc.toml", cfg("trunc", "t-truncated.elf", "4M").as_bytes()),
+        fixture("t-arch.toml", cfg("arch", "t-arm.elf", "4M").as_bytes()),
+        fixture("t-small.toml", cfg("small", "t-big.elf", "1M").as_bytes()),
+        fixture("t-missing.toml", cfg("missing", "nowhere.elf", "4M").as_bytes()),
+        fixture("t-typo.toml", b"name = \"typo\"\nkernel = \"domu.elf\"\nmemroy = \"4M\"\n"),
+        fixture("t-good.toml", cfg("good", "domu.elf", "4M").as_bytes()),
+    ];
+    let mut run = test_run();
+    run.modules = vec![
+        "dom0.elf name=dom0 toolstack mem=32M".into(),
+        "domu.elf".into(),
+        "t-truncated.elf".into(),
+        "t-arm.elf".into(),
+        "t-big.elf".into(),
+    ];
+    run.modules.extend(configs.iter().cloned());
+    let r = run.run().expect("QEMU");
+    let out = &r.serial;
+    assert_eq!(r.outcome, Outcome::Success, "{out}");
+    for needle in [
+        "[dom0] toolstack: t-trunc.toml: t-truncated.elf: ELF file truncated",
+        "[dom0] toolstack: t-arch.toml: t-arm.elf: ",
+        "[dom0] toolstack: t-small.toml: memory 1M is too small: the image needs",
+        "[dom0] toolstack: t-missing.toml: kernel: no module named 'nowhere.elf'",
+        "[dom0] toolstack: t-typo.toml: unknown key 'memroy'",
+        "[dom0] toolstack: created good (domain 1) from t-good.toml",
+        "[good] good up: domid 1",
+        "microhv: summary: 2 domains ran: dom0 poweroff, good poweroff; exit success",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
+    // No half-built domain was left behind, and all memory came back.
+    assert_eq!(out.matches("created by dom0").count(), 1, "a refused configuration still created a domain: {out}");
     let line = out.lines().find(|l| l.starts_with("microhv: memory:")).expect("memory line");
     let nums: Vec<u64> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
     assert_eq!(nums[0], nums[1], "{line}");

@@ -143,6 +143,13 @@ pub fn build_images(release: bool) -> Result<Images> {
     let out = root.join("target/images").join(profile);
     std::fs::create_dir_all(&out)?;
     let images = Images::in_dir(&out);
+    // Dom0's toolstack configurations travel as boot modules too.
+    for entry in std::fs::read_dir(root.join("dom0/configs"))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            std::fs::copy(&path, out.join(path.file_name().expect("file name")))?;
+        }
+    }
     for (from, to) in [
         ("microhv", &images.microhv),
         ("dom0", &images.dom0),
@@ -292,12 +299,18 @@ pub struct RunResult {
 }
 
 impl QemuRun {
-    /// The default machine: microhv with Dom0 and two DomU images as modules.
+    /// The default machine: microhv builds Dom0, whose toolstack creates the
+    /// two DomUs from `domu1.toml` and `domu2.toml` (image `domu.elf`).
     pub fn new(images: &Images) -> QemuRun {
         QemuRun {
             images: images.clone(),
             cmdline: String::new(),
-            modules: vec!["dom0.elf name=dom0".into(), "domu.elf name=domu1".into(), "domu.elf name=domu2".into()],
+            modules: vec![
+                "dom0.elf name=dom0 toolstack mem=32M".into(),
+                "domu.elf".into(),
+                "domu1.toml".into(),
+                "domu2.toml".into(),
+            ],
             accel: Accel::Tcg,
             timeout: Duration::from_secs(60),
             memory_mib: 256,
@@ -434,7 +447,7 @@ mod tests {
         let joined = args.join(" ");
         assert!(joined.contains("isa-debug-exit,iobase=0xf4,iosize=4"));
         assert!(joined.contains("-no-reboot"));
-        assert!(joined.contains("-initrd dom0.elf name=dom0,domu.elf name=domu1,domu.elf name=domu2"));
+        assert!(joined.contains("-initrd dom0.elf name=dom0 toolstack mem=32M,domu.elf,domu1.toml,domu2.toml"));
         assert!(joined.contains("-append loglevel=debug"));
     }
 }

@@ -74,6 +74,9 @@ mod uart {
 }
 
 #[cfg(target_os = "none")]
+mod toolstack;
+
+#[cfg(target_os = "none")]
 mod guest {
     extern crate alloc;
     use crate::uart;
@@ -93,6 +96,7 @@ mod guest {
     entry!(main);
 
     const SLOTS: usize = 64;
+    const SCRATCH_SLOTS: u64 = 32;
 
     static DEBUG_CONSOLE_EVENTS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
@@ -267,12 +271,23 @@ mod guest {
 
     fn main(si: &'static StartInfo) -> ! {
         microhv_guest::console::set_sink(uart::dom0_sink);
-        let heap = microhv_guest::init_heap(si, SLOTS as u64);
+        // Virtual slots kept free: backends' pages, boot modules, builder scratch.
+        let module_pages = crate::toolstack::module_pages();
+        let heap = microhv_guest::init_heap(si, SLOTS as u64 + module_pages + SCRATCH_SLOTS);
         println!(
             "{} up: domid {}, {} pages ({} KiB), heap {} KiB, privileged: {}; driving COM1",
             si.name(), si.domid, si.nr_pages, si.nr_pages * 4, heap / 1024, if si.privileged() { "yes" } else { "no" }
         );
         let mut slots: Vec<u64> = mm::free_slots::<SLOTS>().map(|s| s.to_vec()).unwrap_or_default();
+        let mut module_slots = mm::free_slots_vec(module_pages, SLOTS as u64).unwrap_or_default();
+        let scratch = mm::free_slots_vec(SCRATCH_SLOTS, SLOTS as u64 + module_pages).unwrap_or_default();
+        // The toolstack: create the DomUs described by configuration modules.
+        let modules = crate::toolstack::map_modules(&mut module_slots);
+        for m in modules.iter().filter(|m| m.file.ends_with(".toml")) {
+            if let Err(e) = crate::toolstack::create(m, &modules, &scratch) {
+                println!("toolstack: {e}");
+            }
+        }
         let mut info = [DomainInfo::default(); 32];
         let n = list(&mut info);
         println!("privileged domctl_list succeeded: {n} domains");

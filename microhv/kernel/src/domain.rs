@@ -499,7 +499,8 @@ pub fn start(modules: &[(&'static [u8], String)], hv_l4_entry: u64) -> ! {
             failed += 1;
         }
     }
-    hv.next_domid = modules.len() as u16;
+    // Domids are never reused: the toolstack's start after the boot modules'.
+    hv.next_domid = if toolstack { 1 } else { modules.len() as u16 };
     if hv.domains.is_empty() {
         println!("microhv: no domain could be started ({failed} failed); powering off");
         power::off(shared_abi::exit::FAILURE);

@@ -162,3 +162,19 @@ impl shared_abi::ring::SharedMem for SharedPage {
         }
     }
 }
+
+/// Like [`free_slots`], for many slots (returned on the heap): frees the
+/// `n` pages below the last `skip` pages of the initial mapping.
+pub fn free_slots_vec(n: u64, skip: u64) -> Result<alloc::vec::Vec<u64>, Errno> {
+    let si = crate::start_info();
+    let first = si.virt_base + (si.nr_pages - skip - n) * PAGE;
+    let mut out = alloc::vec::Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let va = first + i * PAGE;
+        if translate(va).is_some() {
+            unmap(va)?;
+        }
+        out.push(va);
+    }
+    Ok(out)
+}
