@@ -31,8 +31,9 @@ macro_rules! for_each_hypercall {
             2 CONSOLE_WRITE ConsoleWrite console_write(buf: GuestVa, len: u64) [PV HVM ANY];
             /// Give up the CPU to another runnable vCPU.
             3 SCHED_YIELD SchedYield sched_yield() [PV HVM ANY];
-            /// Sleep until an event is pending for this vCPU (e.g. its timer).
-            /// Returns at once if one is pending already.
+            /// Enable event delivery (clear `evtchn_upcall_mask`) and sleep until
+            /// an event is pending for this vCPU (e.g. its timer). Returns at once
+            /// if one is pending already.
             4 SCHED_BLOCK SchedBlock sched_block() [PV HVM ANY];
             /// Sleep until system time reaches `deadline_ns` or an event is pending.
             /// Returns 0 on timeout, 1 when woken by an event.

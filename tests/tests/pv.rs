@@ -155,6 +155,7 @@ fn hostile_guests_get_errors_or_are_ended_while_the_others_run_on() {
         "[h-grant-owner] check revoke the read-only grant while the peer maps it: got Err(EBUSY(-16))",
         "[h-grant-owner] check revoke it after the peer unmapped it: got Ok(0)",
         "[h-grant-user] check map a grant of a domain that has ended: got Err(ESRCH(-3))",
+        "[h-grant-user] check grant_copy into a granted frame that became a page table: got Err(EACCES(-13))",
         "[h-store-snoop] check read domu1's subtree: got Err(EACCES(-13))",
         "[h-store-snoop] check write into dom0's subtree: got Err(EACCES(-13))",
         "[h-store-snoop] check a 3000-byte value: got Err(E2BIG(-7))",

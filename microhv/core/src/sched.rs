@@ -81,6 +81,8 @@ struct Entry {
     state: RunState,
     weight: u16,
     cpu_time: u64,
+    /// Woken since it last ran: runs next, but only for a short slice.
+    boosted: bool,
 }
 
 /// The weighted round-robin scheduler for one physical CPU.
@@ -101,7 +103,7 @@ impl Scheduler {
     /// Adding an id that exists already (alive or dead) starts it afresh.
     pub fn add(&mut self, v: VcpuId, weight: u16) {
         self.dequeue(v);
-        self.vcpus.insert(v, Entry { state: RunState::Runnable, weight: weight.max(1), cpu_time: 0 });
+        self.vcpus.insert(v, Entry { state: RunState::Runnable, weight: weight.max(1), cpu_time: 0, boosted: false });
         self.queue.push_back(v);
     }
 
@@ -146,12 +148,13 @@ impl Scheduler {
     /// Makes a blocked `v` runnable, at the *front* of the queue: a vCPU that
     /// waited for an event or its timer runs next (a "boost", like Xen's
     /// credit scheduler), so wake-up latency does not grow with the number of
-    /// busy vCPUs. A vCPU that never blocks cannot use this to take more than
-    /// its turn. No-op unless blocked.
+    /// busy vCPUs. The boosted run lasts at most `MIN_SLICE_NS`. No-op unless
+    /// blocked.
     pub fn wake(&mut self, v: VcpuId) {
         if let Some(e) = self.vcpus.get_mut(&v) {
             if let RunState::Blocked { .. } = e.state {
                 e.state = RunState::Runnable;
+                e.boosted = true;
                 self.queue.push_front(v);
             }
         }
@@ -191,8 +194,15 @@ impl Scheduler {
         }
         match self.queue.front() {
             Some(&vcpu) => {
-                let weight = self.vcpus.get(&vcpu).map_or(DEFAULT_WEIGHT, |e| e.weight);
-                Decision::Run { vcpu, slice_ns: slice_for(weight) }
+                let (weight, boosted) = self.vcpus.get_mut(&vcpu).map_or((DEFAULT_WEIGHT, false), |e| {
+                    let b = e.boosted;
+                    e.boosted = false;
+                    (e.weight, b)
+                });
+                // A boosted (just woken) vCPU jumps the queue for at most
+                // MIN_SLICE_NS, so waking often cannot starve the others.
+                let slice = if boosted { slice_for(weight).min(MIN_SLICE_NS) } else { slice_for(weight) };
+                Decision::Run { vcpu, slice_ns: slice }
             }
             None => Decision::Idle { until: self.next_wakeup() },
         }
@@ -309,7 +319,8 @@ mod tests {
         s.block(VcpuId(7), Some(5_000));
         assert_eq!(s.pick_next(4_999, None), Decision::Idle { until: Some(5_000) });
         assert_eq!(s.state(VcpuId(7)), Some(RunState::Blocked { wake_at: Some(5_000) }));
-        assert_eq!(s.pick_next(5_000, None), Decision::Run { vcpu: VcpuId(7), slice_ns: BASE_SLICE_NS });
+        // Just woken, so its first run is a short, boosted one.
+        assert_eq!(s.pick_next(5_000, None), Decision::Run { vcpu: VcpuId(7), slice_ns: MIN_SLICE_NS });
         assert_eq!(s.state(VcpuId(7)), Some(RunState::Runnable));
         assert_eq!(s.next_wakeup(), None);
     }
@@ -389,6 +400,27 @@ mod tests {
         // Waking a runnable vCPU does not queue it twice.
         s.wake(VcpuId(0));
         s.check_invariants();
+    }
+
+    #[test]
+    fn boosted_run_is_short() {
+        let mut s = Scheduler::new();
+        s.add(VcpuId(0), DEFAULT_WEIGHT);
+        s.add(VcpuId(1), DEFAULT_WEIGHT);
+        s.block(VcpuId(1), None);
+        s.wake(VcpuId(1));
+        match s.pick_next(0, Some(VcpuId(0))) {
+            Decision::Run { vcpu, slice_ns } => {
+                assert_eq!(vcpu, VcpuId(1));
+                assert_eq!(slice_ns, MIN_SLICE_NS);
+            }
+            d => panic!("{d:?}"),
+        }
+        // The next turn is a normal one.
+        match s.pick_next(0, Some(VcpuId(1))) {
+            Decision::Run { slice_ns, .. } => assert_eq!(slice_ns, BASE_SLICE_NS),
+            d => panic!("{d:?}"),
+        }
     }
 
     #[test]

@@ -20,6 +20,8 @@ use shared_abi::shared_info::{tsc_scale, SharedInfo, VcpuInfo};
 use shared_abi::{DomId, Errno, Mfn};
 use spin::Mutex;
 
+const HYPERVISOR_VA_START_: u64 = shared_abi::HYPERVISOR_VA_START;
+
 /// Why a domain ended.
 #[derive(Debug, Clone)]
 pub enum EndReason {
@@ -304,7 +306,27 @@ pub fn start_domain(hv: &mut Hv, idx: usize, l: &StartLayout) -> Result<(), Errn
         return Err(Errno::EINVAL);
     }
     let shared_info = d.p2m[l.shared_info_pfn as usize];
+    let start_info = d.p2m[l.start_info_pfn as usize];
+    // microhv writes these pages itself, so they must be distinct and stay
+    // plain data: a builder (Dom0) must not pass a page table here.
+    let console_pages = if d.privileged { 0 } else { 2 };
+    if l.first_free_pfn + console_pages > nr
+        || l.shared_info_pfn == l.start_info_pfn
+        || (l.first_free_pfn..l.first_free_pfn + console_pages).any(|p| p == l.shared_info_pfn || p == l.start_info_pfn)
+        || l.virt_base.checked_add(nr * 4096).is_none_or(|e| e > HYPERVISOR_VA_START_)
+    {
+        return Err(Errno::EINVAL);
+    }
     hv.frames.pin(&mut Identity, id, l.l4, 4)?;
+    let mut written = alloc::vec![shared_info, start_info];
+    for p in l.first_free_pfn..l.first_free_pfn + console_pages {
+        written.push(hv.domains[idx].p2m[p as usize]);
+    }
+    let plain = |hv: &Hv, f: Mfn| hv.frames.frame_type(f) == Some(microhv_core::pvmm::FrameType::Writable);
+    if !written.iter().all(|&f| plain(hv, f)) {
+        let _ = hv.frames.unpin(&mut Identity, id, l.l4);
+        return Err(Errno::EINVAL);
+    }
     if let Err(e) = hv.frames.get_base(id, l.l4) {
         let _ = hv.frames.unpin(&mut Identity, id, l.l4);
         return Err(e);
@@ -348,7 +370,9 @@ pub fn start_domain(hv: &mut Hv, idx: usize, l: &StartLayout) -> Result<(), Errn
         id.0, d.name, d.nr_pages, d.nr_pages * 4, d.max_pages * 4, l.entry,
         if d.privileged { ", privileged" } else { "" }
     );
-    hv.sched.add(VcpuId(idx), w);
+    if !d.paused {
+        hv.sched.add(VcpuId(idx), w);
+    }
     Ok(())
 }
 
@@ -716,6 +740,7 @@ pub fn end(hv: &mut Hv, idx: usize, reason: EndReason) {
     }
     let d = &mut hv.domains[idx];
     d.nr_pages = 0;
+    d.p2m = Vec::new();
     let msg = reason.describe();
     if reason.clean() {
         log::info!("domain {} '{}' ended: {msg}; {n} frames returned", id.0, d.name);
@@ -809,7 +834,9 @@ pub fn schedule(frame: &mut TrapFrame, force: bool) {
         });
         let next = match keep {
             Some(c) => Some(c),
-            None => match hv.sched.pick_next(now, cur.map(VcpuId)) {
+            // Preempted by a wake-up (not at the end of its slice), the current
+            // vCPU keeps its place at the head of the queue behind the woken one.
+            None => match hv.sched.pick_next(now, if woke && now < hv.slice_end && !force { None } else { cur.map(VcpuId) }) {
                 Decision::Run { vcpu, slice_ns } => {
                     hv.slice_end = now + slice_ns;
                     Some(vcpu.0)
@@ -825,9 +852,19 @@ pub fn schedule(frame: &mut TrapFrame, force: bool) {
                     };
                     let Some(until) = until else {
                         log::error!("every live domain is blocked with nothing that could wake it; ending them");
+                        let mut ended = 0;
                         for i in 0..hv.domains.len() {
-                            if hv.domains[i].ended.is_none() && !hv.domains[i].paused {
+                            if hv.domains[i].ended.is_none() && !hv.domains[i].paused && !hv.domains[i].building {
                                 kill(hv, i, "blocked forever (no timer, no event source)".into());
+                                ended += 1;
+                            }
+                        }
+                        // Only paused or unstarted domains left: nobody can resume them.
+                        if ended == 0 {
+                            for i in 0..hv.domains.len() {
+                                if hv.domains[i].ended.is_none() {
+                                    kill(hv, i, "paused or never started, with no domain left to resume it".into());
+                                }
                             }
                         }
                         continue;
@@ -863,10 +900,11 @@ pub fn schedule(frame: &mut TrapFrame, force: bool) {
         *frame = d.vcpu.regs;
         trap::set_next_cr3(d.vcpu.cr3.addr());
         cpu::set_guest_com1_access(d.privileged);
-        let deadline = match earliest_timer(hv) {
-            Some(t) => t.min(hv.slice_end),
-            None => hv.slice_end,
-        };
+        // The next event: slice end, a one-shot timer, or a sched_poll deadline.
+        let deadline = [earliest_timer(hv), hv.sched.next_wakeup()]
+            .into_iter()
+            .flatten()
+            .fold(hv.slice_end, u64::min);
         apic::arm_oneshot(deadline.saturating_sub(now).max(1000));
         return;
     }

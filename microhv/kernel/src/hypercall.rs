@@ -105,6 +105,9 @@ fn dispatch(hv: &mut Hv, cur: usize, call: Call) -> Outcome {
         Call::SchedYield {} => Reschedule(Ok(0)),
         Call::SchedBlock {} => {
             let d = &mut hv.domains[cur];
+            // Like Xen's SCHEDOP_block: blocking enables event delivery, so a
+            // pending event is never slept through.
+            d.set_upcall_mask(false);
             if d.events_need_delivery() {
                 return Ret(Ok(0));
             }
@@ -316,7 +319,7 @@ fn dispatch(hv: &mut Hv, cur: usize, call: Call) -> Outcome {
             }
             Ret(write_guest(hv, cur, out, &b).map(|_| 0))
         }
-        Call::DomctlPause { domid } => Ret(domctl_target(hv, domid).map(|i| {
+        Call::DomctlPause { domid } => Ret(domctl_target(hv, domid).and_then(|i| if hv.domains[i].building { Err(Errno::EINVAL) } else { Ok(i) }).map(|i| {
             let d = &mut hv.domains[i];
             if !d.paused {
                 d.paused = true;
@@ -325,7 +328,7 @@ fn dispatch(hv: &mut Hv, cur: usize, call: Call) -> Outcome {
             }
             0
         })),
-        Call::DomctlUnpause { domid } => Ret(domctl_target(hv, domid).map(|i| {
+        Call::DomctlUnpause { domid } => Ret(domctl_target(hv, domid).and_then(|i| if hv.domains[i].building { Err(Errno::EINVAL) } else { Ok(i) }).map(|i| {
             let d = &mut hv.domains[i];
             if d.paused {
                 d.paused = false;
@@ -406,7 +409,13 @@ fn dispatch(hv: &mut Hv, cur: usize, call: Call) -> Outcome {
             };
             Ret(hv.frames.map_foreign(&mut Identity, me, ptr, domid, mfn, true).map(|_| 0))
         }
-        Call::DomctlUnmap { domid: _, mfn, va } => {
+        Call::DomctlUnmap { domid, mfn, va } => {
+            // Only toolstack mappings: frames of a domain still being built
+            // (which never ran, so it cannot have granted them).
+            let Ok(t) = domctl_target(hv, domid) else { return Ret(Err(Errno::ESRCH)) };
+            if !hv.domains[t].building || hv.frames.owner(mfn) != microhv_core::pvmm::Owner::Domain(domid) {
+                return Ret(Err(Errno::EINVAL));
+            }
             let me = hv.domains[cur].id;
             let ptr = match l1_entry(hv, cur, va) {
                 Ok(p) => p,
@@ -514,7 +523,9 @@ fn release(hv: &mut Hv, cur: usize, frames: GuestVa, count: u64) -> Result<u64, 
     let mfns = read_u64s(hv, cur, frames, count)?;
     let id = hv.domains[cur].id;
     for (i, &m) in mfns.iter().enumerate() {
-        if let Err(e) = hv.frames.release(Mfn(m), id) {
+        // Boot-module frames handed to Dom0 are not ballooned.
+        let r = if mm::is_managed(Mfn(m)) { hv.frames.release(Mfn(m), id) } else { Err(Errno::EPERM) };
+        if let Err(e) = r {
             return if i == 0 { Err(e) } else { Ok(i as u64) };
         }
         if let Err(e) = mm::free_frame(microhv_core::frame::Mfn(m)) {
@@ -624,6 +635,11 @@ fn l1_entry(hv: &Hv, cur: usize, va: GuestVa) -> Result<u64, Errno> {
     Ok(table.addr() + microhv_core::paging::index(va.0, 1) as u64 * 8)
 }
 
+/// How many times one grant may be mapped at once.
+const MAX_MAPS_PER_GRANT: u32 = 16;
+/// Foreign (grant and toolstack) mappings microhv tracks in all.
+const MAX_FOREIGN_MAPPINGS: usize = 16384;
+
 fn grant_map(hv: &mut Hv, cur: usize, granter: shared_abi::DomId, gref: u64, va: GuestVa, writable: u64) -> Result<u64, Errno> {
     let id = hv.domains[cur].id;
     let gref = u32::try_from(gref).map_err(|_| Errno::EINVAL)?;
@@ -632,6 +648,14 @@ fn grant_map(hv: &mut Hv, cur: usize, granter: shared_abi::DomId, gref: u64, va:
     }
     let write = writable == 1;
     let ptr = l1_entry(hv, cur, va)?;
+    // Bounded bookkeeping: a grant may be mapped a few times, and the
+    // hypervisor keeps a limited number of foreign mappings in all.
+    if hv.grants.entry(granter, gref).is_some_and(|g| g.maps >= MAX_MAPS_PER_GRANT) {
+        return Err(Errno::ENOSPC);
+    }
+    if hv.frames.foreign_count() >= MAX_FOREIGN_MAPPINGS {
+        return Err(Errno::ENOSPC);
+    }
     let mfn = hv.grants.acquire_map(granter, gref, id, write)?;
     if let Err(e) = hv.frames.map_foreign(&mut Identity, id, ptr, granter, mfn, write) {
         let _ = hv.grants.release_map(granter, gref, id, write);
@@ -653,7 +677,7 @@ fn grant_unmap(hv: &mut Hv, cur: usize, granter: shared_abi::DomId, gref: u64, v
     let write = entry & 2 != 0;
     // The mapping must be of this very grant.
     match hv.grants.entry(granter, gref) {
-        Some(g) if g.mfn == mfn && g.grantee == id => {}
+        Some(g) if g.mfn == mfn && g.grantee == id && g.maps > 0 && (!write || g.maps_writable > 0) => {}
         _ => return Err(Errno::EINVAL),
     }
     hv.frames.unmap_foreign(&mut Identity, id, ptr, mfn)?;
@@ -677,6 +701,15 @@ fn grant_copy(hv: &mut Hv, cur: usize, op: GuestVa) -> Result<u64, Errno> {
     let to_granted = flags & GRANT_COPY_TO_GRANTED != 0;
     let id = hv.domains[cur].id;
     let mfn = hv.grants.check(granter, gref, id, to_granted)?;
+    // The grant names a frame, but the granter may have changed it since
+    // (pinned it as a page table, released it): check it now, every time.
+    let info = hv.frames.info(mfn).ok_or(Errno::EINVAL)?;
+    if info.owner != microhv_core::pvmm::Owner::Domain(granter) {
+        return Err(Errno::ESRCH);
+    }
+    if to_granted && (info.ty != microhv_core::pvmm::FrameType::Writable || info.special) {
+        return Err(Errno::EACCES);
+    }
     let mut buf = vec![0u8; len];
     if to_granted {
         read_guest(hv, cur, local, &mut buf)?;

@@ -264,6 +264,13 @@ mod guest {
             FAILURES.fetch_add(1, Ordering::SeqCst);
         }
         println!("check the grants are refs {RO_REF} and {RW_REF}: {r1:?} {r2:?} -> {}", if refs_ok { "ok" } else { "FAIL" });
+        // A third frame, granted writable, then turned into a page table: the
+        // grant must not let the peer write into it any more.
+        let pt = mm::p2m()[si.first_free_pfn as usize + 2];
+        let pt_va = si.virt_base + (si.first_free_pfn + 2) * mm::PAGE;
+        ok_check("grant a third frame writable (ref 5)", unsafe { hc::grant_access(peer, Mfn(pt), 0) });
+        ok_check("unmap it from our own address space", mm::unmap(pt_va).map(|_| 0));
+        ok_check("pin it as an L1 page table", unsafe { hc::pin_table(Mfn(pt), 1) });
         sleep_until_ms(t0, 30);
         check("revoke the read-only grant while the peer maps it", unsafe { hc::grant_end(RO_REF) }, Errno::EBUSY);
         check("release the frame while the peer maps it", {
@@ -304,7 +311,9 @@ mod guest {
         ok_check("map the writable grant", unsafe { hc::grant_map(peer, RW_REF, GuestVa(va2), 1) });
         // SAFETY: mapped writable just above.
         unsafe { core::ptr::write_volatile(va2 as *mut u64, 42) };
-        check("map a grant meant for dom0 (the peer's console page, ref 1)", unsafe { hc::grant_map(peer, 1, GuestVa(va3), 0) }, Errno::EPERM);
+        let op = GrantCopy { granter: peer.0, gref: 5, offset: 0, len: 8, local_va: va2, flags: GRANT_COPY_TO_GRANTED, ..Default::default() };
+        check("grant_copy into a granted frame that became a page table", unsafe { hc::grant_copy(GuestVa(&op as *const _ as u64)) }, Errno::EACCES);
+                check("map a grant meant for dom0 (the peer's console page, ref 1)", unsafe { hc::grant_map(peer, 1, GuestVa(va3), 0) }, Errno::EPERM);
         sleep_until_ms(t0, 50);
         ok_check("unmap the read-only grant", unsafe { hc::grant_unmap(peer, RO_REF, GuestVa(va1)) });
         sleep_until_ms(t0, 90);
