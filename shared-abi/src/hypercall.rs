@@ -145,6 +145,9 @@ macro_rules! for_each_hypercall {
             /// its console and store pages, and makes its vCPU runnable. Dom0
             /// must have unmapped all its `domctl_map` mappings first.
             42 DOMCTL_START DomctlStart domctl_start(domid: DomId, ctx: GuestVa) [PV - DOM0];
+            /// Privileged: write `HvStats` (free memory, event channels, grants
+            /// and mappings in use) to `out`.
+            43 DOMCTL_STATS DomctlStats domctl_stats(out: GuestVa) [PV - DOM0];
         }
     };
 }
@@ -465,6 +468,21 @@ pub struct DomainStart {
 
 const _: () = assert!(size_of::<DomainStart>() == 64);
 
+/// `domctl_stats` result: what is in use across the machine.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HvStats {
+    pub free_frames: u64,
+    pub domains_alive: u32,
+    pub evtchn_ports: u32,
+    pub grants: u32,
+    pub foreign_mappings: u32,
+    pub orphan_frames: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(size_of::<HvStats>() == 32);
+
 /// Domain states in `DomainInfo::state`.
 pub const DOMSTATE_RUNNING: u8 = 0;
 pub const DOMSTATE_BLOCKED: u8 = 1;
@@ -518,7 +536,7 @@ mod tests {
 
     #[test]
     fn unknown_numbers_are_enosys_never_success() {
-        for n in [0, 43, 50, 63, 1000, u64::MAX] {
+        for n in [0, 44, 50, 63, 1000, u64::MAX] {
             assert_eq!(Call::decode(n, [0; 5]), Err(Errno::ENOSYS), "number {n}");
             assert_eq!(check_access(n, GuestKind::Pv, true).err(), Some(Errno::ENOSYS));
         }

@@ -70,7 +70,7 @@ fn dom0_and_two_domus_do_their_work_and_shut_down_cleanly() {
     // Serial input reaches Dom0, and after Ctrl-] a DomU.
     assert_contains(out, &[
         "[dom0] input: help",
-        "[dom0] commands: help, list, pause <name>",
+        "[dom0]   create <file.toml>   create a DomU from a configuration module",
         "[dom0] serial input now goes to domu1 (Ctrl-] switches)",
         "[domu1] console input received: \"hello domu1\"",
         "[dom0] serial input now goes to dom0 (Ctrl-] switches)",

@@ -111,3 +111,45 @@ fn broken_configurations_and_images_are_refused_with_clear_errors() {
     let nums: Vec<u64> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
     assert_eq!(nums[0], nums[1], "{line}");
 }
+
+#[test]
+fn creating_and_destroying_100_domus_gives_everything_back() {
+    fixture("t-tiny.toml", b"name = \"tiny\"\nkernel = \"hostile.elf\"\nmemory = \"1M\"\ncmdline = \"attack=sleeper\"\nkind = \"pv\"\n");
+    let mut run = test_run();
+    // `interactive`: Dom0 serves its command line until `quit`.
+    run.modules = vec!["dom0.elf name=dom0 toolstack mem=32M interactive".into(), "hostile.elf".into(), "t-tiny.toml manual".into()];
+    let mut input = vec![b'\r'; 24];
+    input.extend_from_slice(
+        b"stress t-tiny.toml 100\rcreate t-tiny.toml\rcreate t-tiny.toml\rconsole tiny\r\x1dconsole nobody\rdestroy tiny\rcreate t-tiny.toml\rquit\r",
+    );
+    run.input = Some(input);
+    let r = run.run().expect("QEMU");
+    let out = &r.serial;
+    assert_eq!(r.outcome, Outcome::Success, "{out}");
+    for needle in [
+        "[dom0] stress: after 100 of 100 create/destroy rounds:",
+        "[dom0] stress: all counters are back to their starting values",
+        "[dom0] toolstack: created tiny (domain 101) from t-tiny.toml",
+        "[dom0] create: t-tiny.toml: a domain named 'tiny' already exists",
+        "[dom0] serial input now goes to tiny (Ctrl-] switches)",
+        "[dom0] console: no running DomU named 'nobody'",
+        "[dom0] quit: destroying tiny: done",
+        "[dom0] destroy tiny: done",
+        "microhv: summary: 103 domains ran: dom0 poweroff, tiny destroyed by dom0 (x102); exit success",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
+    // The before and after lines carry the same numbers.
+    let nums = |prefix: &str| -> Vec<u64> {
+        let l = out.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix:?} in:\n{out}"));
+        let tail = l.split(": ").last().unwrap_or("");
+        tail.split_whitespace().filter_map(|w| w.trim_end_matches(',').parse().ok()).collect()
+    };
+    let before = nums("[dom0] stress: before:");
+    let after = nums("[dom0] stress: after 100 of 100");
+    assert_eq!(before.len(), 6, "{before:?}");
+    assert_eq!(before, after);
+    let line = out.lines().find(|l| l.starts_with("microhv: memory:")).expect("memory line");
+    let n: Vec<u64> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    assert_eq!(n[0], n[1], "{line}");
+}

@@ -6,7 +6,7 @@
 
 use crate::project_root;
 use anyhow::{bail, Context, Result};
-use shared_abi::hypercall::{self, DomainChannels, DomainCreate, DomainStart, ModuleInfo, DomainInfo, EvtchnStatus, GrantCopy, IretFrame, MemoryInfo, MmuUpdate, TrapInfo, TABLE};
+use shared_abi::hypercall::{self, HvStats, DomainChannels, DomainCreate, DomainStart, ModuleInfo, DomainInfo, EvtchnStatus, GrantCopy, IretFrame, MemoryInfo, MmuUpdate, TrapInfo, TABLE};
 use shared_abi::note::{PvNote, NOTE_NAME, NOTE_TYPE_PV};
 use shared_abi::shared_info::{SharedInfo, VcpuInfo, VcpuTime, EVTCHN_PORTS, MAX_VCPUS};
 use shared_abi::start_info::{StartInfo, CMDLINE_LEN, NAME_LEN};
@@ -198,6 +198,15 @@ fn layouts() -> Vec<Layout> {
             start_info_pfn: u64,
             first_free_pfn: u64,
             virt_base: u64,
+        }),
+        layout!(HvStats at "hypercall", "The `domctl_stats` result." {
+            free_frames: u64,
+            domains_alive: u32,
+            evtchn_ports: u32,
+            grants: u32,
+            foreign_mappings: u32,
+            orphan_frames: u32,
+            _pad: u32,
         }),
         layout!(EvtchnStatus at "hypercall", "The `evtchn_status` result." {
             state: u32,

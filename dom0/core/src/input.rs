@@ -49,6 +49,17 @@ impl InputRouter {
         None
     }
 
+    /// Sends the input to DomU `id` (or to Dom0 with `None`) directly.
+    pub fn switch_to(&mut self, id: Option<u16>) -> Option<Action> {
+        let current = match id {
+            None => 0,
+            Some(id) => self.domus.iter().position(|(d, _)| *d == id)? + 1,
+        };
+        self.current = current;
+        self.line.clear();
+        Some(Action::Switched(self.target().cloned()))
+    }
+
     pub fn target(&self) -> Option<&(u16, String)> {
         self.current.checked_sub(1).and_then(|i| self.domus.get(i))
     }
@@ -113,6 +124,16 @@ mod tests {
         assert_eq!(a[0], Action::Switched(Some((2, "domu2".into()))));
         assert_eq!(a[1], Action::Switched(None));
         assert_eq!(a[2], Action::Dom0Line("ls".into()));
+    }
+
+    #[test]
+    fn switch_to_a_named_domu() {
+        let mut r = InputRouter::new();
+        r.add_domu(4, "web");
+        assert_eq!(r.switch_to(Some(9)), None);
+        assert_eq!(r.switch_to(Some(4)), Some(Action::Switched(Some((4, "web".into())))));
+        assert_eq!(r.feed(b"x"), vec![Action::ToDomU(4, b"x".to_vec())]);
+        assert_eq!(r.switch_to(None), Some(Action::Switched(None)));
     }
 
     #[test]

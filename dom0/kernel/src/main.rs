@@ -23,13 +23,17 @@ mod uart {
     fn outb(port: u16, v: u8) {
         // SAFETY: microhv grants Dom0 exactly the COM1 ports in the TSS I/O
         // bitmap; writing them only emits serial output.
-        unsafe { core::arch::asm!("out dx, al", in("dx") port, in("al") v, options(nostack, nomem)) };
+        unsafe {
+            core::arch::asm!("out dx, al", in("dx") port, in("al") v, options(nostack, nomem))
+        };
     }
 
     fn inb(port: u16) -> u8 {
         let v: u8;
         // SAFETY: as in outb; reading the line status register has no side effects.
-        unsafe { core::arch::asm!("in al, dx", in("dx") port, out("al") v, options(nostack, nomem)) };
+        unsafe {
+            core::arch::asm!("in al, dx", in("dx") port, out("al") v, options(nostack, nomem))
+        };
         v
     }
 
@@ -89,7 +93,9 @@ mod guest {
     use microhv_guest::hypercall as hc;
     use microhv_guest::mm::{self, SharedPage};
     use microhv_guest::shared_abi::hypercall::*;
-    use microhv_guest::shared_abi::store::{decode_payload, encode_frame, Envelope, FrameDecoder, Request, Response};
+    use microhv_guest::shared_abi::store::{
+        decode_payload, encode_frame, Envelope, FrameDecoder, Request, Response,
+    };
     use microhv_guest::shared_abi::{console, store::domain_path};
     use microhv_guest::{entry, println, time, DomId, Errno, GuestVa, StartInfo};
 
@@ -98,7 +104,8 @@ mod guest {
     const SLOTS: usize = 64;
     const SCRATCH_SLOTS: u64 = 32;
 
-    static DEBUG_CONSOLE_EVENTS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+    static DEBUG_CONSOLE_EVENTS: core::sync::atomic::AtomicU64 =
+        core::sync::atomic::AtomicU64::new(0);
 
     fn on_virq_console(_port: u32) {
         DEBUG_CONSOLE_EVENTS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
@@ -120,10 +127,10 @@ mod guest {
         connected: bool,
     }
 
-    fn list(out: &mut [DomainInfo; 32]) -> usize {
-        // SAFETY: `out` is valid for 32 records.
-        match unsafe { hc::domctl_list(GuestVa(out.as_mut_ptr() as u64), 32) } {
-            Ok(n) => (n as usize).min(32),
+    fn list(out: &mut [DomainInfo]) -> usize {
+        // SAFETY: `out` is valid for out.len() records.
+        match unsafe { hc::domctl_list(GuestVa(out.as_mut_ptr() as u64), out.len() as u64) } {
+            Ok(n) => (n as usize).min(out.len()),
             Err(e) => {
                 println!("domctl_list failed: {e}");
                 0
@@ -186,7 +193,10 @@ mod guest {
         }
         slots.push(b.console_va);
         slots.push(b.store_va);
-        println!("console backend: {} disconnected ({why}): {} lines, {} store requests", b.name, b.lines, b.requests);
+        println!(
+            "console backend: {} disconnected ({why}): {} lines, {} store requests",
+            b.name, b.lines, b.requests
+        );
     }
 
     /// Prints every complete line the DomU wrote. Returns false on a bad ring.
@@ -220,7 +230,9 @@ mod guest {
     }
 
     fn send_frame(b: &Backend, req_id: u32, body: Response) {
-        let Ok(frame) = encode_frame(&Envelope { req_id, body }) else { return };
+        let Ok(frame) = encode_frame(&Envelope { req_id, body }) else {
+            return;
+        };
         let mut page = SharedPage(b.store_va as *mut u8);
         let mut rest = &frame[..];
         let mut tries = 0;
@@ -254,7 +266,10 @@ mod guest {
             let frames = match b.decoder.push(&buf[..n]) {
                 Ok(f) => f,
                 Err(e) => {
-                    println!("store: {}: bad frame ({e}); dropping its store connection", b.name);
+                    println!(
+                        "store: {}: bad frame ({e}); dropping its store connection",
+                        b.name
+                    );
                     return false;
                 }
             };
@@ -269,6 +284,66 @@ mod guest {
         }
     }
 
+    fn stats() -> Option<HvStats> {
+        let mut st = HvStats::default();
+        // SAFETY: `st` is valid for writing.
+        match unsafe { hc::domctl_stats(GuestVa(&mut st as *mut _ as u64)) } {
+            Ok(_) => Some(st),
+            Err(e) => {
+                println!("domctl_stats failed: {e}");
+                None
+            }
+        }
+    }
+
+    fn fmt_stats(st: &HvStats) -> String {
+        format!(
+            "{} free frames, {} domains alive, {} event-channel ports, {} grants, {} foreign mappings, {} orphaned frames",
+            st.free_frames, st.domains_alive, st.evtchn_ports, st.grants, st.foreign_mappings, st.orphan_frames
+        )
+    }
+
+    /// Creates and destroys a DomU `count` times, then checks that every
+    /// counter came back to where it started.
+    fn stress(
+        m: &crate::toolstack::Module,
+        modules: &[crate::toolstack::Module],
+        scratch: &[u64],
+        count: u32,
+    ) {
+        let Some(before) = stats() else { return };
+        println!("stress: before: {}", fmt_stats(&before));
+        let mut ok = 0;
+        crate::toolstack::QUIET.store(true, core::sync::atomic::Ordering::Relaxed);
+        for i in 0..count {
+            match crate::toolstack::create(m, modules, scratch) {
+                Ok(id) => {
+                    // SAFETY: no pointers.
+                    if let Err(e) = unsafe { hc::domctl_destroy(id) } {
+                        println!("stress: round {i}: destroy failed: {e}");
+                        break;
+                    }
+                    ok += 1;
+                }
+                Err(e) => {
+                    println!("stress: round {i}: {e}");
+                    break;
+                }
+            }
+        }
+        crate::toolstack::QUIET.store(false, core::sync::atomic::Ordering::Relaxed);
+        let Some(after) = stats() else { return };
+        println!(
+            "stress: after {ok} of {count} create/destroy rounds: {}",
+            fmt_stats(&after)
+        );
+        if after == before {
+            println!("stress: all counters are back to their starting values");
+        } else {
+            println!("stress: LEAK: counters differ from their starting values");
+        }
+    }
+
     fn main(si: &'static StartInfo) -> ! {
         microhv_guest::console::set_sink(uart::dom0_sink);
         // Virtual slots kept free: backends' pages, boot modules, builder scratch.
@@ -276,19 +351,30 @@ mod guest {
         let heap = microhv_guest::init_heap(si, SLOTS as u64 + module_pages + SCRATCH_SLOTS);
         println!(
             "{} up: domid {}, {} pages ({} KiB), heap {} KiB, privileged: {}; driving COM1",
-            si.name(), si.domid, si.nr_pages, si.nr_pages * 4, heap / 1024, if si.privileged() { "yes" } else { "no" }
+            si.name(),
+            si.domid,
+            si.nr_pages,
+            si.nr_pages * 4,
+            heap / 1024,
+            if si.privileged() { "yes" } else { "no" }
         );
-        let mut slots: Vec<u64> = mm::free_slots::<SLOTS>().map(|s| s.to_vec()).unwrap_or_default();
+        let mut slots: Vec<u64> = mm::free_slots::<SLOTS>()
+            .map(|s| s.to_vec())
+            .unwrap_or_default();
         let mut module_slots = mm::free_slots_vec(module_pages, SLOTS as u64).unwrap_or_default();
-        let scratch = mm::free_slots_vec(SCRATCH_SLOTS, SLOTS as u64 + module_pages).unwrap_or_default();
+        let scratch =
+            mm::free_slots_vec(SCRATCH_SLOTS, SLOTS as u64 + module_pages).unwrap_or_default();
         // The toolstack: create the DomUs described by configuration modules.
         let modules = crate::toolstack::map_modules(&mut module_slots);
-        for m in modules.iter().filter(|m| m.file.ends_with(".toml")) {
+        // Configurations marked `manual` on their module line wait for `create`.
+        for m in modules.iter().filter(|m| {
+            m.file.ends_with(".toml") && !m.name.split_ascii_whitespace().any(|w| w == "manual")
+        }) {
             if let Err(e) = crate::toolstack::create(m, &modules, &scratch) {
                 println!("toolstack: {e}");
             }
         }
-        let mut info = [DomainInfo::default(); 32];
+        let mut info = alloc::vec![DomainInfo::default(); 1024];
         let n = list(&mut info);
         println!("privileged domctl_list succeeded: {n} domains");
         for d in &info[..n] {
@@ -298,7 +384,11 @@ mod guest {
         // The store, and a backend for every DomU.
         let mut store = Store::new();
         let mut backends: Vec<Backend> = Vec::new();
-        let domus: Vec<DomainInfo> = info[..n].iter().filter(|d| d.domid != si.domid).copied().collect();
+        let domus: Vec<DomainInfo> = info[..n]
+            .iter()
+            .filter(|d| d.domid != si.domid)
+            .copied()
+            .collect();
         for d in &domus {
             store.introduce_domain(d.domid, &name_of(d));
             match connect(d, &mut slots) {
@@ -308,7 +398,10 @@ mod guest {
         }
         // Pair the demo DomUs (names starting with "domu") two by two through
         // the store: each learns its peer and may read the peer's pingpong/.
-        let demo: Vec<&DomainInfo> = domus.iter().filter(|d| name_of(d).starts_with("domu")).collect();
+        let demo: Vec<&DomainInfo> = domus
+            .iter()
+            .filter(|d| name_of(d).starts_with("domu"))
+            .collect();
         for pair in demo.chunks_exact(2) {
             let (a, b) = (pair[0].domid, pair[1].domid);
             for (me, peer) in [(a, b), (b, a)] {
@@ -317,16 +410,23 @@ mod guest {
                 let _ = store.mkdir(0, &format!("{home}/pingpong"));
                 let _ = store.set_perm(0, &format!("{home}/pingpong"), peer, Perm::Read);
             }
-            println!("store: paired {} and {} for the ping-pong demo", name_of(pair[0]), name_of(pair[1]));
+            println!(
+                "store: paired {} and {} for the ping-pong demo",
+                name_of(pair[0]),
+                name_of(pair[1])
+            );
         }
         println!("console backend and store serving {} DomUs", backends.len());
-        let interactive = si.cmdline().split_ascii_whitespace().any(|w| w == "interactive");
+        let interactive = si
+            .cmdline()
+            .split_ascii_whitespace()
+            .any(|w| w == "interactive");
         let mut router = InputRouter::new();
         for b in &backends {
             router.add_domu(b.id, &b.name);
         }
         println!(
-            "serial input goes to dom0 (commands: help, list, pause, unpause, destroy, quit); Ctrl-] switches it to the next DomU{}",
+            "serial input goes to dom0 (type help for commands); Ctrl-] switches it to the next DomU{}",
             if interactive { "; interactive: dom0 stays up until `quit`" } else { "" }
         );
         let mut quit = false;
@@ -365,56 +465,160 @@ mod guest {
                     None => break,
                 }
             }
-            for action in router.feed(&typed[..k]) {
-                match action {
-                    Action::Dom0Line(l) => {
-                        println!("input: {l}");
-                        match l.trim() {
-                            "help" => println!("commands: help, list, pause <name>, unpause <name>, destroy <name>, quit; Ctrl-] switches input to the next DomU"),
-                            "list" => {
-                                let n = list(&mut info);
-                                for d in &info[..n] {
-                                    println!("  {}", domain_line(d).as_str());
+            // One byte at a time: a command (e.g. `console`) changes where the
+            // bytes after it go.
+            for &c in &typed[..k] {
+                for action in router.feed(&[c]) {
+                    match action {
+                        Action::Dom0Line(l) => {
+                            println!("input: {l}");
+                            match l.trim() {
+                                "help" => {
+                                    println!("commands:");
+                                    println!("  list                 domains with their state, memory and CPU time");
+                                    println!("  create <file.toml>   create a DomU from a configuration module");
+                                    println!("  destroy <name>       end a DomU and give back all it held");
+                                    println!("  pause <name>, unpause <name>");
+                                    println!("  console <name>       send the serial input to that DomU (Ctrl-] comes back)");
+                                    println!("  stats                memory, event channels, grants and mappings in use");
+                                    println!("  stress <file> <n>    create and destroy a DomU n times, then compare stats");
+                                    println!("  quit                 end dom0 (microhv powers off when all domains ended)");
                                 }
-                            }
-                            "quit" => quit = true,
-                            cmd if cmd.starts_with("pause ") || cmd.starts_with("unpause ") || cmd.starts_with("destroy ") => {
-                                let (verb, target) = cmd.split_once(' ').unwrap_or((cmd, ""));
-                                let n = list(&mut info);
-                                match info[..n].iter().find(|d| name_of(d) == target.trim()) {
-                                    None => println!("{verb}: no domain named '{}'", target.trim()),
-                                    Some(d) => {
-                                        let id = DomId(d.domid);
-                                        // SAFETY: no pointers.
-                                        let r = unsafe {
-                                            match verb {
-                                                "pause" => hc::domctl_pause(id),
-                                                "unpause" => hc::domctl_unpause(id),
-                                                _ => hc::domctl_destroy(id),
+                                "stats" => {
+                                    if let Some(st) = stats() {
+                                        println!("stats: {}", fmt_stats(&st));
+                                    }
+                                }
+                                cmd if cmd.starts_with("create ") => {
+                                    let file = cmd[7..].trim();
+                                    match modules.iter().find(|m| m.file == file) {
+                                        None => println!(
+                                            "create: no configuration module named '{file}'"
+                                        ),
+                                        Some(m) => {
+                                            match crate::toolstack::create(m, &modules, &scratch) {
+                                                Err(e) => println!("create: {e}"),
+                                                Ok(id) => {
+                                                    let n = list(&mut info);
+                                                    if let Some(d) =
+                                                        info[..n].iter().find(|d| d.domid == id.0)
+                                                    {
+                                                        store
+                                                            .introduce_domain(d.domid, &name_of(d));
+                                                        match connect(d, &mut slots) {
+                                                    Ok(b) => {
+                                                        router.add_domu(b.id, &b.name);
+                                                        backends.push(b);
+                                                    }
+                                                    Err(e) => println!("console backend: cannot connect to {}: {e}", name_of(d)),
+                                                }
+                                                    }
+                                                }
                                             }
-                                        };
-                                        match r {
-                                            Ok(_) => println!("{verb} {}: done", target.trim()),
-                                            Err(e) => println!("{verb} {}: {e}", target.trim()),
                                         }
                                     }
                                 }
+                                cmd if cmd.starts_with("console ") => {
+                                    let target = cmd[8..].trim();
+                                    match backends.iter().find(|b| b.name == target && b.connected)
+                                    {
+                                        None => {
+                                            println!("console: no running DomU named '{target}'")
+                                        }
+                                        Some(b) => {
+                                            if let Some(Action::Switched(Some((_, name)))) =
+                                                router.switch_to(Some(b.id))
+                                            {
+                                                println!("serial input now goes to {name} (Ctrl-] switches)");
+                                            }
+                                        }
+                                    }
+                                }
+                                cmd if cmd.starts_with("stress ") => {
+                                    let mut words = cmd.split_ascii_whitespace().skip(1);
+                                    let file = words.next().unwrap_or("");
+                                    let count: u32 =
+                                        words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+                                    match (modules.iter().find(|m| m.file == file), count) {
+                                        (None, _) => println!(
+                                            "stress: no configuration module named '{file}'"
+                                        ),
+                                        (_, 0) => {
+                                            println!("stress: usage: stress <file.toml> <count>")
+                                        }
+                                        (Some(m), count) => stress(m, &modules, &scratch, count),
+                                    }
+                                }
+                                "list" => {
+                                    let n = list(&mut info);
+                                    for d in &info[..n] {
+                                        println!("  {}", domain_line(d).as_str());
+                                    }
+                                }
+                                "quit" => {
+                                    // Like a host shutdown: the remaining DomUs end first.
+                                    let n = list(&mut info);
+                                    for d in info[..n]
+                                        .iter()
+                                        .filter(|d| d.domid != si.domid && d.state != DOMSTATE_DEAD)
+                                    {
+                                        // SAFETY: no pointers.
+                                        let r = unsafe { hc::domctl_destroy(DomId(d.domid)) };
+                                        println!(
+                                            "quit: destroying {}: {}",
+                                            name_of(d),
+                                            if r.is_ok() { "done" } else { "failed" }
+                                        );
+                                    }
+                                    quit = true;
+                                }
+                                cmd if cmd.starts_with("pause ")
+                                    || cmd.starts_with("unpause ")
+                                    || cmd.starts_with("destroy ") =>
+                                {
+                                    let (verb, target) = cmd.split_once(' ').unwrap_or((cmd, ""));
+                                    let n = list(&mut info);
+                                    match info[..n].iter().find(|d| {
+                                        d.state != DOMSTATE_DEAD && name_of(d) == target.trim()
+                                    }) {
+                                        None => {
+                                            println!("{verb}: no domain named '{}'", target.trim())
+                                        }
+                                        Some(d) => {
+                                            let id = DomId(d.domid);
+                                            // SAFETY: no pointers.
+                                            let r = unsafe {
+                                                match verb {
+                                                    "pause" => hc::domctl_pause(id),
+                                                    "unpause" => hc::domctl_unpause(id),
+                                                    _ => hc::domctl_destroy(id),
+                                                }
+                                            };
+                                            match r {
+                                                Ok(_) => println!("{verb} {}: done", target.trim()),
+                                                Err(e) => println!("{verb} {}: {e}", target.trim()),
+                                            }
+                                        }
+                                    }
+                                }
+                                other => println!("unknown command '{other}' (try help)"),
                             }
-                            other => println!("unknown command '{other}' (try help)"),
                         }
-                    }
-                    Action::ToDomU(id, bytes) => {
-                        if let Some(b) = backends.iter().find(|b| b.id == id && b.connected) {
-                            let mut page = SharedPage(b.console_va as *mut u8);
-                            let _ = console::write_in(&mut page, &bytes);
-                            // SAFETY: no pointers.
-                            let _ = unsafe { hc::evtchn_send(b.console_port as u64) };
+                        Action::ToDomU(id, bytes) => {
+                            if let Some(b) = backends.iter().find(|b| b.id == id && b.connected) {
+                                let mut page = SharedPage(b.console_va as *mut u8);
+                                let _ = console::write_in(&mut page, &bytes);
+                                // SAFETY: no pointers.
+                                let _ = unsafe { hc::evtchn_send(b.console_port as u64) };
+                            }
                         }
+                        Action::Switched(t) => match t {
+                            Some((_, name)) => {
+                                println!("serial input now goes to {name} (Ctrl-] switches)")
+                            }
+                            None => println!("serial input now goes to dom0 (Ctrl-] switches)"),
+                        },
                     }
-                    Action::Switched(t) => match t {
-                        Some((_, name)) => println!("serial input now goes to {name} (Ctrl-] switches)"),
-                        None => println!("serial input now goes to dom0 (Ctrl-] switches)"),
-                    },
                 }
             }
             let now = time::now_ns();
@@ -423,7 +627,9 @@ mod guest {
                 let n = list(&mut info);
                 for d in &info[..n] {
                     if d.state == DOMSTATE_DEAD {
-                        if let Some(b) = backends.iter_mut().find(|b| b.id == d.domid && b.connected) {
+                        if let Some(b) =
+                            backends.iter_mut().find(|b| b.id == d.domid && b.connected)
+                        {
                             drain_console(b);
                             disconnect(b, &mut slots, "domain ended");
                             store.release_domain(d.domid);
@@ -433,18 +639,30 @@ mod guest {
                         }
                     }
                 }
-                let alive = info[..n].iter().filter(|d| d.domid != si.domid && d.state != DOMSTATE_DEAD).count();
-                let done = if interactive { quit } else { alive == 0 || quit };
+                let alive = info[..n]
+                    .iter()
+                    .filter(|d| d.domid != si.domid && d.state != DOMSTATE_DEAD)
+                    .count();
+                let done = if interactive {
+                    quit
+                } else {
+                    alive == 0 || quit
+                };
                 if done || (!interactive && now - start > 60_000_000_000) {
                     let n_dbg = DEBUG_CONSOLE_EVENTS.load(core::sync::atomic::Ordering::Relaxed);
                     if n_dbg > 0 {
-                        println!("VIRQ_CONSOLE: DomUs wrote to microhv's debug console {n_dbg} times");
+                        println!(
+                            "VIRQ_CONSOLE: DomUs wrote to microhv's debug console {n_dbg} times"
+                        );
                     }
                     println!("all DomUs have ended:");
-                    for d in &info[..n] {
-                        if d.domid != si.domid {
-                            println!("  {} ({})", domain_line(d).as_str(), state_name(d.state));
-                        }
+                    let domus: Vec<&DomainInfo> =
+                        info[..n].iter().filter(|d| d.domid != si.domid).collect();
+                    for d in domus.iter().rev().take(16).rev() {
+                        println!("  {} ({})", domain_line(d).as_str(), state_name(d.state));
+                    }
+                    if domus.len() > 16 {
+                        println!("  ... and {} more", domus.len() - 16);
                     }
                     break;
                 }

@@ -21,10 +21,12 @@ use microhv_guest::mm::{self, PTE_NX, PTE_PRESENT};
 use microhv_guest::shared_abi::hypercall::*;
 use microhv_guest::{println, DomId, Errno, GuestVa, Mfn};
 
+/// Set during stress runs: no line per created domain.
+pub static QUIET: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
 /// A boot module mapped (read-only) into Dom0.
 pub struct Module {
     /// The whole module line (file name and arguments).
-    #[allow(dead_code)]
     pub name: String,
     pub file: String,
     pub bytes: &'static [u8],
@@ -34,7 +36,9 @@ pub struct Module {
 pub fn module_pages() -> u64 {
     let mut infos = [ModuleInfo::default(); 16];
     // SAFETY: `infos` is valid for 16 records.
-    let n = unsafe { hc::domctl_modules(GuestVa(infos.as_mut_ptr() as u64), 16) }.unwrap_or(0).min(16) as usize;
+    let n = unsafe { hc::domctl_modules(GuestVa(infos.as_mut_ptr() as u64), 16) }
+        .unwrap_or(0)
+        .min(16) as usize;
     infos[..n].iter().map(|m| m.size.div_ceil(4096)).sum()
 }
 
@@ -57,7 +61,10 @@ pub fn map_modules(slots: &mut Vec<u64>) -> Vec<Module> {
         let file = name.split_ascii_whitespace().next().unwrap_or("").into();
         let pages = m.size.div_ceil(4096) as usize;
         if pages > slots.len() {
-            println!("toolstack: no room to map module {name} ({} KiB)", m.size / 1024);
+            println!(
+                "toolstack: no room to map module {name} ({} KiB)",
+                m.size / 1024
+            );
             continue;
         }
         let vas: Vec<u64> = slots.drain(..pages).collect();
@@ -67,16 +74,28 @@ pub fn map_modules(slots: &mut Vec<u64>) -> Vec<Module> {
             .enumerate()
             .filter_map(|(i, &va)| {
                 let ptr = mm::l1_entry_maddr(va)?;
-                Some(MmuUpdate { ptr, val: ((m.start_mfn + i as u64) << 12) | PTE_PRESENT | PTE_NX })
+                Some(MmuUpdate {
+                    ptr,
+                    val: ((m.start_mfn + i as u64) << 12) | PTE_PRESENT | PTE_NX,
+                })
             })
             .collect();
         if reqs.len() != pages {
-            println!("toolstack: could not map module {name}: {} of {pages} slots usable", reqs.len());
+            println!(
+                "toolstack: could not map module {name}: {} of {pages} slots usable",
+                reqs.len()
+            );
             continue;
         }
-        if let Some((done, e)) = reqs.chunks(BATCH_MAX as usize).enumerate().find_map(|(i, c)| {
-            mm::mmu_update(c).err().map(|(d, e)| (i * BATCH_MAX as usize + d, e))
-        }) {
+        if let Some((done, e)) = reqs
+            .chunks(BATCH_MAX as usize)
+            .enumerate()
+            .find_map(|(i, c)| {
+                mm::mmu_update(c)
+                    .err()
+                    .map(|(d, e)| (i * BATCH_MAX as usize + d, e))
+            })
+        {
             println!("toolstack: could not map module {name}: page {done}: {e}");
             continue;
         }
@@ -142,49 +161,110 @@ impl MachineMemory for ForeignMemory {
     fn read_bytes(&self, mfn: Mfn, offset: usize, buf: &mut [u8]) {
         let va = self.va(mfn);
         // SAFETY: offset + len <= 4096 by the trait's contract.
-        unsafe { core::ptr::copy_nonoverlapping((va + offset as u64) as *const u8, buf.as_mut_ptr(), buf.len()) }
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                (va + offset as u64) as *const u8,
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        }
     }
     fn write_bytes(&mut self, mfn: Mfn, offset: usize, data: &[u8]) {
         let va = self.va(mfn);
         // SAFETY: as above.
-        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), (va + offset as u64) as *mut u8, data.len()) }
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                (va + offset as u64) as *mut u8,
+                data.len(),
+            )
+        }
     }
 }
 
 /// Creates and starts the domain that `cfg_module` describes. On any error
 /// nothing is left behind, and the message names the file.
 pub fn create(cfg_module: &Module, modules: &[Module], scratch: &[u64]) -> Result<DomId, String> {
-    let text = core::str::from_utf8(cfg_module.bytes).map_err(|_| format!("{}: not UTF-8 text", cfg_module.file))?;
+    let text = core::str::from_utf8(cfg_module.bytes)
+        .map_err(|_| format!("{}: not UTF-8 text", cfg_module.file))?;
     let cfg = config::parse(&cfg_module.file, text).map_err(|e| format!("{e}"))?;
     let image = modules
         .iter()
         .find(|m| m.file == cfg.kernel)
-        .ok_or_else(|| format!("{}: kernel: no module named '{}'", cfg_module.file, cfg.kernel))?;
+        .ok_or_else(|| {
+            format!(
+                "{}: kernel: no module named '{}'",
+                cfg_module.file, cfg.kernel
+            )
+        })?;
     match config::validate(&cfg, &cfg_module.file, image.bytes).map_err(|e| format!("{e}"))? {
         LaunchKind::Pv => {}
-        LaunchKind::Hvm => return Err(format!("{}: {} is not a PV image, and HVM guests are not supported yet", cfg_module.file, cfg.kernel)),
+        LaunchKind::Hvm => {
+            return Err(format!(
+                "{}: {} is not a PV image, and HVM guests are not supported yet",
+                cfg_module.file, cfg.kernel
+            ))
+        }
     }
     let img = builder::parse_pv_image(image.bytes).map_err(|e| format!("{}: {}", cfg.kernel, e))?;
-    let mut spec = DomainCreate { nr_pages: cfg.memory_pages, max_pages: cfg.max_pages, weight: cfg.weight, ..Default::default() };
+    // Names identify domains in the shell: one live domain per name.
+    let mut infos = alloc::vec![DomainInfo::default(); 1024];
+    // SAFETY: `infos` is valid for 1024 records.
+    let n = unsafe { hc::domctl_list(GuestVa(infos.as_mut_ptr() as u64), 1024) }
+        .unwrap_or(0)
+        .min(1024) as usize;
+    if infos[..n].iter().any(|d| {
+        d.state != DOMSTATE_DEAD && d.name.split(|&b| b == 0).next() == Some(cfg.name.as_bytes())
+    }) {
+        return Err(format!(
+            "{}: a domain named '{}' already exists",
+            cfg_module.file, cfg.name
+        ));
+    }
+    let mut spec = DomainCreate {
+        nr_pages: cfg.memory_pages,
+        max_pages: cfg.max_pages,
+        weight: cfg.weight,
+        ..Default::default()
+    };
     let n = cfg.name.len().min(31);
     spec.name[..n].copy_from_slice(&cfg.name.as_bytes()[..n]);
     // SAFETY (hypercalls below): pointers to live locals.
-    let domid = DomId(unsafe { hc::domctl_create(GuestVa(&spec as *const _ as u64)) }.map_err(|e| format!("{}: create: {e}", cfg_module.file))? as u16);
+    let domid = DomId(
+        unsafe { hc::domctl_create(GuestVa(&spec as *const _ as u64)) }
+            .map_err(|e| format!("{}: create: {e}", cfg_module.file))? as u16,
+    );
     let destroy = |why: String| -> Result<DomId, String> {
         let _ = unsafe { hc::domctl_destroy(domid) };
         Err(why)
     };
     let mut frames = alloc::vec![0u64; cfg.memory_pages as usize];
-    if let Err(e) = unsafe { hc::domctl_get_frames(domid, GuestVa(frames.as_mut_ptr() as u64), cfg.memory_pages) } {
+    if let Err(e) = unsafe {
+        hc::domctl_get_frames(domid, GuestVa(frames.as_mut_ptr() as u64), cfg.memory_pages)
+    } {
         return destroy(format!("{}: get_frames: {e}", cfg_module.file));
     }
     let frames: Vec<Mfn> = frames.into_iter().map(Mfn).collect();
-    let mut mem = ForeignMemory { domid, slots: scratch.to_vec(), mapped: RefCell::new(Vec::new()), failed: RefCell::new(None) };
-    let bcfg = DomainConfig { domid, name: &cfg.name, cmdline: &cfg.cmdline, privileged: false, max_pages: cfg.max_pages };
+    let mut mem = ForeignMemory {
+        domid,
+        slots: scratch.to_vec(),
+        mapped: RefCell::new(Vec::new()),
+        failed: RefCell::new(None),
+    };
+    let bcfg = DomainConfig {
+        domid,
+        name: &cfg.name,
+        cmdline: &cfg.cmdline,
+        privileged: false,
+        max_pages: cfg.max_pages,
+    };
     let built = builder::build(&mut mem, &img, image.bytes, &frames, &bcfg);
     mem.unmap_all();
     if let Some(e) = *mem.failed.borrow() {
-        return destroy(format!("{}: mapping the new domain's memory: {e}", cfg_module.file));
+        return destroy(format!(
+            "{}: mapping the new domain's memory: {e}",
+            cfg_module.file
+        ));
     }
     let built = match built {
         Ok(b) => b,
@@ -203,6 +283,11 @@ pub fn create(cfg_module: &Module, modules: &[Module], scratch: &[u64]) -> Resul
     if let Err(e) = unsafe { hc::domctl_start(domid, GuestVa(&start as *const _ as u64)) } {
         return destroy(format!("{}: start: {e}", cfg_module.file));
     }
-    println!("toolstack: created {} (domain {}) from {}: {} pages, kernel {}", cfg.name, domid.0, cfg_module.file, cfg.memory_pages, cfg.kernel);
+    if !QUIET.load(core::sync::atomic::Ordering::Relaxed) {
+        println!(
+            "toolstack: created {} (domain {}) from {}: {} pages, kernel {}",
+            cfg.name, domid.0, cfg_module.file, cfg.memory_pages, cfg.kernel
+        );
+    }
     Ok(domid)
 }

@@ -915,14 +915,26 @@ fn finish() -> ! {
     let g = HV.lock();
     let hv = g.as_ref().expect("domains exist");
     let mut clean = true;
-    let mut parts = String::new();
+    // "name how-it-ended", with repeats counted: "tiny destroyed by dom0 (x100)".
+    let mut groups: Vec<(String, usize)> = Vec::new();
     for d in &hv.domains {
         let r = d.ended.as_ref().map(|r| r.describe()).unwrap_or_else(|| "running".into());
         clean &= d.ended.as_ref().is_some_and(|r| r.clean());
+        let item = alloc::format!("{} {}", d.name, r);
+        match groups.iter_mut().find(|(g, _)| *g == item) {
+            Some((_, n)) => *n += 1,
+            None => groups.push((item, 1)),
+        }
+    }
+    let mut parts = String::new();
+    for (item, n) in groups {
         if !parts.is_empty() {
             parts.push_str(", ");
         }
-        parts.push_str(&alloc::format!("{} {}", d.name, r));
+        parts.push_str(&item);
+        if n > 1 {
+            parts.push_str(&alloc::format!(" (x{n})"));
+        }
     }
     let free = mm::free_frames();
     let at_start = FREE_AT_START.load(core::sync::atomic::Ordering::Relaxed);

@@ -448,6 +448,20 @@ fn dispatch(hv: &mut Hv, cur: usize, call: Call) -> Outcome {
             }
             Ret(domain::start_domain(hv, t, &l).map(|_| 0))
         }
+        Call::DomctlStats { out } => {
+            let live: alloc::vec::Vec<shared_abi::DomId> = hv.domains.iter().filter(|d| d.ended.is_none()).map(|d| d.id).collect();
+            let ports: u32 = live.iter().map(|&d| hv.evtchn.ports_in_use(d)).sum();
+            let grants: u32 = hv.domains.iter().map(|d| hv.grants.grants_in_use(d.id)).sum();
+            let mut b = [0u8; 32];
+            b[0..8].copy_from_slice(&mm::free_frames().to_le_bytes());
+            for (i, v) in [live.len() as u32, ports, grants, hv.frames.foreign_count() as u32, hv.frames.orphan_count() as u32]
+                .iter()
+                .enumerate()
+            {
+                b[8 + i * 4..12 + i * 4].copy_from_slice(&v.to_le_bytes());
+            }
+            Ret(write_guest(hv, cur, out, &b).map(|_| 0))
+        }
         Call::DomctlList { out, max } => {
             let n = hv.domains.len();
             let k = (max as usize).min(n);

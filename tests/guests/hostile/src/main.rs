@@ -505,7 +505,7 @@ mod guest {
     }
 
     fn unknown_hypercall() {
-        for nr in [0u64, 43, 63, 999, u64::MAX] {
+        for nr in [0u64, 44, 63, 999, u64::MAX] {
             // SAFETY: unknown numbers take no pointers.
             let r = Errno::result(unsafe { hc::raw(nr, [1, 2, 3, 4, 5]) });
             check(&alloc::format!("hypercall number {nr:#x}"), r, Errno::ENOSYS);
@@ -529,6 +529,8 @@ mod guest {
         check("domctl_unmap from a DomU", unsafe { hc::domctl_unmap(DomId(1), Mfn(0x1000), GuestVa(0x40_0000)) }, Errno::EPERM);
         let st = DomainStart::default();
         check("domctl_start from a DomU", unsafe { hc::domctl_start(DomId(1), GuestVa(&st as *const _ as u64)) }, Errno::EPERM);
+        let mut stats = HvStats::default();
+        check("domctl_stats from a DomU", unsafe { hc::domctl_stats(GuestVa(&mut stats as *mut _ as u64)) }, Errno::EPERM);
         check("version with an unknown command", unsafe { hc::version(77) }, Errno::EINVAL);
         check("bind an unknown VIRQ", unsafe { hc::evtchn_bind_virq(1000) }, Errno::EINVAL);
     }
