@@ -12,6 +12,7 @@ fn main() {
 
 #[cfg(target_os = "none")]
 mod guest {
+    extern crate alloc;
     use core::sync::atomic::{AtomicU64, Ordering};
     use domu_core::{error_permille, ms_parts, pattern, within};
     use microhv_guest::hypercall as hc;
@@ -39,6 +40,9 @@ mod guest {
             si.name(), si.domid, si.nr_pages, si.nr_pages * 4, si.max_pages, heap / 1024, abi >> 16, abi & 0xffff, si.cmdline()
         );
 
+        // Wait until Dom0's store answers: its start-up work (building the other
+        // DomUs, connecting backends) is then over and does not skew the timings.
+        let _ = microhv_guest::store::read(&alloc::format!("{}/name", microhv_guest::store::home()));
         timers(si);
         balloon(si);
         pingpong::run(si);
