@@ -23,6 +23,7 @@ mod uart {
     fn outb(port: u16, v: u8) {
         // SAFETY: microhv grants Dom0 exactly the COM1 ports in the TSS I/O
         // bitmap; writing them only emits serial output.
+        // SAFETY: as above.
         unsafe {
             core::arch::asm!("out dx, al", in("dx") port, in("al") v, options(nostack, nomem))
         };
@@ -147,15 +148,19 @@ mod guest {
     fn connect(d: &DomainInfo, slots: &mut Vec<u64>) -> Result<Backend, Errno> {
         let mut ch = DomainChannels::default();
         let id = DomId(d.domid);
-        // SAFETY (calls below): pointers are live locals; VAs are our own free slots.
+        // SAFETY: (calls below) pointers are live locals; VAs are our own free slots.
         unsafe { hc::domctl_channels(id, GuestVa(&mut ch as *mut _ as u64)) }?;
         let (cva, sva) = match (slots.pop(), slots.pop()) {
             (Some(a), Some(b)) => (a, b),
             _ => return Err(Errno::ENOSPC),
         };
+        // SAFETY: the pointer arguments are live locals of this function or pages we own.
         unsafe { hc::grant_map(id, ch.console_gref as u64, GuestVa(cva), 1) }?;
+        // SAFETY: the pointer arguments are live locals of this function or pages we own.
         unsafe { hc::grant_map(id, ch.store_gref as u64, GuestVa(sva), 1) }?;
+        // SAFETY: no pointer arguments.
         let cp = unsafe { hc::evtchn_bind_interdomain(id, ch.console_port as u64) }? as u32;
+        // SAFETY: no pointer arguments.
         let sp = unsafe { hc::evtchn_bind_interdomain(id, ch.store_port as u64) }? as u32;
         microhv_guest::events::unmask_port(cp);
         microhv_guest::events::unmask_port(sp);
@@ -184,7 +189,7 @@ mod guest {
             uart::line(&b.name, &b.line);
             b.line.clear();
         }
-        // SAFETY (calls below): our own mappings and ports.
+        // SAFETY: (calls below) our own mappings and ports.
         unsafe {
             let _ = hc::grant_unmap(DomId(b.id), b.grefs.0, GuestVa(b.console_va));
             let _ = hc::grant_unmap(DomId(b.id), b.grefs.1, GuestVa(b.store_va));
@@ -243,6 +248,7 @@ mod guest {
                 tries += 1;
                 // SAFETY: no pointers.
                 let _ = unsafe { hc::evtchn_send(b.store_port as u64) };
+                // SAFETY: no pointer arguments.
                 let _ = unsafe { hc::sched_yield() };
             }
         }

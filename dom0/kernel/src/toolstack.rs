@@ -152,6 +152,7 @@ impl MachineMemory for ForeignMemory {
     fn read_u64(&self, mfn: Mfn, index: usize) -> u64 {
         // SAFETY: `va` maps the frame (or a failure was recorded and the
         // slot's previous page is read harmlessly); index < 512.
+        // SAFETY: as above.
         unsafe { ((self.va(mfn) + index as u64 * 8) as *const u64).read_volatile() }
     }
     fn write_u64(&mut self, mfn: Mfn, index: usize, val: u64) {
@@ -229,16 +230,19 @@ pub fn create(cfg_module: &Module, modules: &[Module], scratch: &[u64]) -> Resul
     };
     let n = cfg.name.len().min(31);
     spec.name[..n].copy_from_slice(&cfg.name.as_bytes()[..n]);
-    // SAFETY (hypercalls below): pointers to live locals.
+    // SAFETY: (hypercalls below) pointers to live locals.
     let domid = DomId(
+        // SAFETY: the pointer arguments are live locals of this function or pages we own.
         unsafe { hc::domctl_create(GuestVa(&spec as *const _ as u64)) }
             .map_err(|e| format!("{}: create: {e}", cfg_module.file))? as u16,
     );
     let destroy = |why: String| -> Result<DomId, String> {
+        // SAFETY: no pointer arguments.
         let _ = unsafe { hc::domctl_destroy(domid) };
         Err(why)
     };
     let mut frames = alloc::vec![0u64; cfg.memory_pages as usize];
+    // SAFETY: no pointer arguments.
     if let Err(e) = unsafe {
         hc::domctl_get_frames(domid, GuestVa(frames.as_mut_ptr() as u64), cfg.memory_pages)
     } {
@@ -280,6 +284,7 @@ pub fn create(cfg_module: &Module, modules: &[Module], scratch: &[u64]) -> Resul
         first_free_pfn: built.first_free_pfn,
         virt_base: built.virt_base,
     };
+    // SAFETY: the pointer arguments are live locals of this function or pages we own.
     if let Err(e) = unsafe { hc::domctl_start(domid, GuestVa(&start as *const _ as u64)) } {
         return destroy(format!("{}: start: {e}", cfg_module.file));
     }

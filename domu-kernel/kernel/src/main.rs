@@ -33,7 +33,7 @@ mod guest {
     fn main(si: &'static StartInfo) -> ! {
         // The balloon pages, and one more virtual slot for mapping a peer's ring.
         let heap = microhv_guest::init_heap(si, BALLOON_PAGES + 1);
-        // SAFETY (all hypercalls below): pointer arguments point at live locals.
+        // SAFETY: (all hypercalls below) pointer arguments point at live locals.
         let abi = unsafe { hc::version(VERSION_ABI) }.unwrap_or(0);
         println!(
             "{} up: domid {}, {} pages ({} KiB), limit {} pages, heap {} KiB, ABI {}.{}, cmdline {:?}",
@@ -49,6 +49,7 @@ mod guest {
 
         let mut yields = 0;
         for _ in 0..5 {
+            // SAFETY: no pointer arguments.
             if unsafe { hc::sched_yield() }.is_ok() {
                 yields += 1;
             }
@@ -56,6 +57,7 @@ mod guest {
         println!("yield: gave up the CPU {yields} times");
 
         let mut info = [DomainInfo::default(); 4];
+        // SAFETY: the pointer arguments are live locals of this function or pages we own.
         match unsafe { hc::domctl_list(GuestVa(info.as_mut_ptr() as u64), 4) } {
             Err(e) if e == Errno::EPERM => println!("privileged domctl_list refused as expected: {e}"),
             other => println!("privileged domctl_list: unexpected {other:?}"),
@@ -84,8 +86,10 @@ mod guest {
         // about 2 ms to the first sleep.
         for warm in 0..2 {
             let before = TIMER_EVENTS.load(Ordering::SeqCst);
+            // SAFETY: no pointer arguments.
             let _ = unsafe { hc::set_timer(time::now_ns() + 1_000_000) };
             while TIMER_EVENTS.load(Ordering::SeqCst) == before {
+                // SAFETY: no pointer arguments.
                 let _ = unsafe { hc::sched_block() };
             }
             time::sleep_ns(1_000_000 + warm);
@@ -97,8 +101,10 @@ mod guest {
             let how = if i % 2 == 0 {
                 // One-shot timer, then block until its event arrives.
                 let before = TIMER_EVENTS.load(Ordering::SeqCst);
+                // SAFETY: no pointer arguments.
                 let _ = unsafe { hc::set_timer(t0 + asked) };
                 while TIMER_EVENTS.load(Ordering::SeqCst) == before {
+                    // SAFETY: no pointer arguments.
                     let _ = unsafe { hc::sched_block() };
                 }
                 "timer event"
@@ -130,9 +136,11 @@ mod guest {
                 return;
             }
         }
+        // SAFETY: the pointer arguments are live locals of this function or pages we own.
         let released = unsafe { hc::memory_release(GuestVa(mfns.as_ptr() as u64), BALLOON_PAGES) };
         let mid = mm::memory_query().map(|m| m.nr_pages).unwrap_or(0);
         let mut new = [0u64; BALLOON_PAGES as usize];
+        // SAFETY: the pointer arguments are live locals of this function or pages we own.
         let populated = unsafe { hc::memory_populate(GuestVa(new.as_mut_ptr() as u64), BALLOON_PAGES) };
         let mut ok = populated == Ok(BALLOON_PAGES);
         for (p, (va, mfn)) in vas.iter().zip(new.iter()).enumerate() {
@@ -155,8 +163,10 @@ mod guest {
         let after = mm::memory_query().map(|m| m.nr_pages).unwrap_or(0);
         // Asking for more than the limit allows must fail.
         let mut extra = [0u64; 64];
+        // SAFETY: the pointer arguments are live locals of this function or pages we own.
         let over = match unsafe { hc::memory_populate(GuestVa(extra.as_mut_ptr() as u64), 64) } {
             Ok(n) => {
+                // SAFETY: the pointer arguments are live locals of this function or pages we own.
                 let _ = unsafe { hc::memory_release(GuestVa(extra.as_ptr() as u64), n) };
                 alloc_free_result(n)
             }
@@ -241,8 +251,9 @@ mod guest {
             // SAFETY: non-zero size; the page is never freed while shared.
             let va = unsafe { alloc::alloc::alloc_zeroed(layout) } as u64;
             let mfn = mm::translate(va).ok_or(Errno::EFAULT)?;
-            // SAFETY (hypercalls below): no pointers beyond live locals.
+            // SAFETY: (hypercalls below) no pointers beyond live locals.
             let gref = unsafe { hc::grant_access(peer, Mfn(mfn), 0) }?;
+            // SAFETY: no pointer arguments.
             let port = unsafe { hc::evtchn_alloc_unbound(peer) }? as u32;
             events::set_handler(port, on_ring);
             events::unmask_port(port);
@@ -266,6 +277,7 @@ mod guest {
                     sent += 1;
                 }
                 if ring.push_requests_and_check_notify(&mut page) {
+                    // SAFETY: no pointer arguments.
                     let _ = unsafe { hc::evtchn_send(port as u64) };
                 }
                 let seen = RING_EVENTS.load(Ordering::SeqCst);
@@ -294,7 +306,9 @@ mod guest {
             let _ = total;
             dev.set(DeviceState::Closing)?;
             state_is(&format!("{peer_home}/pingpong/state"), DeviceState::Closed)?;
+            // SAFETY: no pointer arguments.
             unsafe { hc::grant_end(gref) }?;
+            // SAFETY: no pointer arguments.
             unsafe { hc::evtchn_close(port as u64) }?;
             dev.set(DeviceState::Closed)?;
             Ok(())
@@ -314,8 +328,9 @@ mod guest {
             if mm::translate(va).is_some() {
                 mm::unmap(va)?;
             }
-            // SAFETY (hypercalls below): the VA is our own empty slot.
+            // SAFETY: (hypercalls below) the VA is our own empty slot.
             unsafe { hc::grant_map(peer, gref, GuestVa(va), 1) }?;
+            // SAFETY: no pointer arguments.
             let port = unsafe { hc::evtchn_bind_interdomain(peer, rport) }? as u32;
             events::set_handler(port, on_ring);
             events::unmask_port(port);
@@ -338,6 +353,7 @@ mod guest {
                 }
                 if any {
                     if ring.push_responses_and_check_notify(&mut page) {
+                        // SAFETY: no pointer arguments.
                         let _ = unsafe { hc::evtchn_send(port as u64) };
                     }
                     continue;
@@ -360,7 +376,9 @@ mod guest {
             }
             println!("pingpong with domain {} (back end): served {served} requests, checksum {sum:#018x}", peer.0);
             dev.set(DeviceState::Closing)?;
+            // SAFETY: the pointer arguments are live locals of this function or pages we own.
             unsafe { hc::grant_unmap(peer, gref, GuestVa(va)) }?;
+            // SAFETY: no pointer arguments.
             unsafe { hc::evtchn_close(port as u64) }?;
             dev.set(DeviceState::Closed)?;
             Ok(())

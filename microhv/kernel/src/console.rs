@@ -9,9 +9,11 @@ use uart_16550::SerialPort;
 
 const COM1: u16 = 0x3f8;
 
-// SAFETY (for `SerialPort::new`): 0x3f8 is COM1 on every PC platform we boot on
-// (QEMU pc/q35, Bochs); nothing else in microhv drives these ports.
-static SERIAL: Mutex<SerialPort> = Mutex::new(unsafe { SerialPort::new(COM1) });
+static SERIAL: Mutex<SerialPort> = Mutex::new(
+    // SAFETY: 0x3f8 is COM1 on every PC platform we boot on (QEMU pc/q35,
+    // Bochs); within microhv only this console drives these ports.
+    unsafe { SerialPort::new(COM1) },
+);
 
 /// Programs the UART (8N1, FIFO). Bochs garbles output without this.
 pub fn init() {

@@ -3,6 +3,9 @@
 //! attempt and a final `ATTACK <name>: ...` line. Attacks that end in a fault
 //! the guest does not handle are ended by microhv with a logged reason; the
 //! system test checks that line in the hypervisor log instead.
+// The attacks pass bad pointers and run faulting instructions on purpose:
+// microhv must cope. Each attack's comment says what it tries.
+#![allow(clippy::undocumented_unsafe_blocks)]
 #![cfg_attr(target_os = "none", no_std)]
 #![cfg_attr(target_os = "none", no_main)]
 
