@@ -8,6 +8,7 @@ extern crate alloc;
 
 pub mod builder;
 pub mod cmdline;
+pub mod ept;
 pub mod evtchn;
 pub mod frame;
 pub mod grant;
@@ -18,6 +19,7 @@ pub mod paging;
 pub mod pvmm;
 pub mod range;
 pub mod sched;
+pub mod vmx;
 
 /// Size of a base page / machine frame.
 pub const PAGE_SIZE: u64 = 4096;
