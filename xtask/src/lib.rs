@@ -55,8 +55,11 @@ pub fn ensure_target() -> Result<()> {
 
 /// Installs Debian packages when running as root; otherwise says what to run.
 pub fn ensure_packages(commands_and_packages: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<&str> =
-        commands_and_packages.iter().filter(|(cmd, _)| !have(cmd)).map(|(_, pkg)| *pkg).collect();
+    let missing: Vec<&str> = commands_and_packages
+        .iter()
+        .filter(|(cmd, _)| if cmd.starts_with('/') { !Path::new(cmd).exists() } else { !have(cmd) })
+        .map(|(_, pkg)| *pkg)
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -449,5 +452,134 @@ mod tests {
         assert!(joined.contains("-no-reboot"));
         assert!(joined.contains("-initrd dom0.elf name=dom0 toolstack mem=32M,domu.elf,domu1.toml,domu2.toml"));
         assert!(joined.contains("-append loglevel=debug"));
+    }
+}
+
+/// Debian packages for the Bochs path (VT-x lives only there on our machines).
+pub const BOCHS_PACKAGES: &[(&str, &str)] = &[
+    ("bochs", "bochs"),
+    ("/usr/share/bochs/BIOS-bochs-latest", "bochsbios"),
+    ("/usr/share/bochs/VGABIOS-lgpl-latest", "vgabios"),
+    ("/usr/lib/bochs/plugins/libbx_term.so", "bochs-term"),
+    ("grub-mkrescue", "grub-common"),
+    ("/usr/lib/grub/i386-pc/multiboot.mod", "grub-pc-bin"),
+    ("xorriso", "xorriso"),
+    ("mformat", "mtools"),
+];
+
+/// Installs what the Bochs path needs (as `ensure_qemu` does for QEMU).
+pub fn ensure_bochs() -> Result<()> {
+    // Commands are looked up on PATH; absolute paths are checked as files.
+    ensure_packages(BOCHS_PACKAGES)
+}
+
+/// One Bochs boot of microhv from a GRUB ISO.
+#[derive(Debug, Clone)]
+pub struct BochsRun {
+    pub images: Images,
+    /// Module lines, as for QEMU (file name first).
+    pub modules: Vec<String>,
+    pub cmdline: String,
+    pub timeout: Duration,
+    pub echo: bool,
+}
+
+impl BochsRun {
+    pub fn new(images: &Images) -> BochsRun {
+        let q = QemuRun::new(images);
+        BochsRun { images: images.clone(), modules: q.modules, cmdline: String::new(), timeout: Duration::from_secs(300), echo: false }
+    }
+
+    /// Builds the ISO and boots it; the outcome comes from the serial output
+    /// (Bochs exits with status 1 both on shutdown and on a panic).
+    pub fn run(&self) -> Result<RunResult> {
+        let dir = self.images.dir.join("bochs");
+        let iso_root = dir.join("iso");
+        let boot = iso_root.join("boot");
+        std::fs::create_dir_all(boot.join("grub"))?;
+        let mut cfg = String::from("set timeout=0\nset default=0\nmenuentry \"microhv\" {\n");
+        cfg.push_str(&format!("  multiboot /boot/microhv.elf {}\n", self.cmdline));
+        std::fs::copy(&self.images.microhv, boot.join("microhv.elf"))?;
+        for m in &self.modules {
+            let file = m.split_whitespace().next().unwrap_or_default();
+            std::fs::copy(self.images.dir.join(file), boot.join(file)).with_context(|| format!("module {file}"))?;
+            // GRUB passes only the arguments; repeat the file name so the
+            // module line reads the same as under QEMU.
+            cfg.push_str(&format!("  module /boot/{file} {m}\n"));
+        }
+        cfg.push_str("}\n");
+        std::fs::write(boot.join("grub/grub.cfg"), cfg)?;
+        let iso = dir.join("microhv.iso");
+        let out = Command::new("grub-mkrescue").arg("-o").arg(&iso).arg(&iso_root).output().context("running grub-mkrescue")?;
+        if !out.status.success() {
+            bail!("grub-mkrescue failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let serial = dir.join("serial.out");
+        let _ = std::fs::remove_file(&serial);
+        std::fs::write(
+            dir.join("bochsrc"),
+            "megs: 256\n\
+             cpu: model=corei7_skylake_x, count=1, ips=100000000, reset_on_triple_fault=0, ignore_bad_msrs=0\n\
+             clock: sync=none\n\
+             romimage: file=/usr/share/bochs/BIOS-bochs-latest\n\
+             vgaromimage: file=/usr/share/bochs/VGABIOS-lgpl-latest\n\
+             ata0-master: type=cdrom, path=microhv.iso, status=inserted\n\
+             boot: cdrom\n\
+             com1: enabled=1, mode=file, dev=serial.out\n\
+             display_library: term\n\
+             port_e9_hack: enabled=1\n\
+             log: bochs.log\n",
+        )?;
+        std::fs::write(dir.join("cmds"), "c\n")?;
+        let start = Instant::now();
+        // The term display ignores SIGTERM: `timeout -s KILL` stops it.
+        let status = Command::new("timeout")
+            .args(["-s", "KILL", &self.timeout.as_secs().to_string(), "bochs", "-q", "-f", "bochsrc", "-rc", "cmds"])
+            .current_dir(&dir)
+            .env("TERM", "dumb")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .context("running bochs")?;
+        let text = std::fs::read(&serial).map(|b| String::from_utf8_lossy(&b).replace('\r', "")).unwrap_or_default();
+        if self.echo {
+            print!("{text}");
+        }
+        let log = std::fs::read_to_string(dir.join("bochs.log")).unwrap_or_default();
+        let panics: Vec<&str> =
+            log.lines().filter(|l| l.contains(">>PANIC<<") && !l.contains("shutdown requested")).collect();
+        let outcome = if status.code() == Some(137) || status.signal_killed() {
+            Outcome::Timeout
+        } else if !panics.is_empty() {
+            Outcome::Other(1)
+        } else if text.contains("microhv CRASH") {
+            Outcome::Crash
+        } else if text.lines().any(|l| l.starts_with("microhv: summary:") && l.ends_with("exit success"))
+            || text.contains("self-check PASSED; no modules")
+        {
+            Outcome::Success
+        } else if text.contains("microhv: summary:") || text.contains("FAILED") {
+            Outcome::Failure
+        } else {
+            Outcome::Reset
+        };
+        let mut serial_text = text;
+        if !panics.is_empty() {
+            serial_text.push_str("\n[bochs panics]\n");
+            serial_text.push_str(&panics.join("\n"));
+        }
+        Ok(RunResult { outcome, serial: serial_text, wall: start.elapsed() })
+    }
+}
+
+trait SignalKilled {
+    fn signal_killed(&self) -> bool;
+}
+
+impl SignalKilled for std::process::ExitStatus {
+    fn signal_killed(&self) -> bool {
+        use std::os::unix::process::ExitStatusExt;
+        self.signal() == Some(9)
     }
 }

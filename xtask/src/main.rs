@@ -41,6 +41,13 @@ enum Cmd {
         #[arg(long)]
         interactive: bool,
     },
+    /// Build a GRUB ISO and boot microhv + Dom0 + the DomUs in Bochs.
+    Bochs {
+        #[arg(long)]
+        release: bool,
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
     /// Run every test: host unit tests and the QEMU system tests.
     Test,
     /// Generate docs/abi.md from shared-abi.
@@ -104,15 +111,38 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
+        Cmd::Bochs { release, timeout } => {
+            xtask::ensure_bochs()?;
+            let images = build_images(release)?;
+            println!("xtask: emulator: Bochs (corei7_skylake_x, VMX available), booting from a GRUB ISO");
+            let mut run = xtask::BochsRun::new(&images);
+            run.timeout = Duration::from_secs(timeout);
+            run.echo = true;
+            let result = run.run()?;
+            println!("xtask: {} ({:.1} s, Bochs)", result.outcome.describe(), result.wall.as_secs_f64());
+            Ok(result.outcome.exit_code())
+        }
         Cmd::Test => {
             abidoc::check()?;
             ensure_qemu()?;
+            xtask::ensure_bochs()?;
             let images = build_images(false)?;
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            println!("xtask: running host unit tests and QEMU system tests (accelerator: TCG)");
+            println!("xtask: running host unit tests, QEMU system tests (TCG, -icount) and the Bochs boot test");
             let status = Command::new(cargo)
                 .current_dir(project_root())
-                .args(["test", "--workspace", "--exclude", "microhv", "--exclude", "dom0", "--exclude", "domu-kernel"])
+                .args([
+                    "test",
+                    "--workspace",
+                    "--exclude",
+                    "microhv",
+                    "--exclude",
+                    "dom0",
+                    "--exclude",
+                    "domu-kernel",
+                    "--exclude",
+                    "hostile-guest",
+                ])
                 .env("MICROHV_IMAGE_DIR", &images.dir)
                 .status()?;
             if !status.success() {

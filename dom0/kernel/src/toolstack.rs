@@ -58,7 +58,8 @@ pub fn map_modules(slots: &mut Vec<u64>) -> Vec<Module> {
     for m in &infos[..n] {
         let end = m.name.iter().position(|&b| b == 0).unwrap_or(m.name.len());
         let name = String::from_utf8_lossy(&m.name[..end]).into_owned();
-        let file = name.split_ascii_whitespace().next().unwrap_or("").into();
+        // GRUB passes the module's path ("/boot/domu.elf ..."): keep the file name.
+        let file = name.split_ascii_whitespace().next().unwrap_or("").rsplit('/').next().unwrap_or("").into();
         let pages = m.size.div_ceil(4096) as usize;
         if pages > slots.len() {
             println!(

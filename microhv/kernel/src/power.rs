@@ -6,6 +6,13 @@ use x86_64::instructions::port::Port;
 /// shutdown port, then halts forever if neither exists.
 pub fn off(code: u8) -> ! {
     x86_64::instructions::interrupts::disable();
+    // Let the UART drain first: Bochs stops at once and would cut the output.
+    // SAFETY: reading COM1's line status register has no side effects.
+    for _ in 0..1_000_000 {
+        if unsafe { Port::<u8>::new(0x3fd).read() } & 0x40 != 0 {
+            break;
+        }
+    }
     // SAFETY: writes to the debug-exit and Bochs shutdown ports only stop the
     // emulator; on a machine without them the writes are ignored.
     unsafe {
