@@ -13,6 +13,7 @@ fn grub_boots_the_pv_demo_in_bochs() {
     for needle in [
         "boot loader: \"GRUB",
         "self-check PASSED",
+        "VT-x: VMXON ok, VMCS revision",
         "[dom0] toolstack: created domu1 (domain 1) from domu1.toml",
         "[domu1] pingpong with domain 2 (front end): sent 256, received 256 answers, 0 wrong",
         "[domu2] pingpong with domain 1 (back end): served 256 requests",

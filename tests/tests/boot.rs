@@ -29,6 +29,7 @@ fn normal_boot_passes_its_self_check() {
         "self-check: frames ok",
         "self-check: timer 30 ticks",
         "self-check PASSED",
+        "VT-x: this CPU has no VMX",
     ] {
         assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
     }

@@ -460,7 +460,7 @@ pub const BOCHS_PACKAGES: &[(&str, &str)] = &[
     ("bochs", "bochs"),
     ("/usr/share/bochs/BIOS-bochs-latest", "bochsbios"),
     ("/usr/share/bochs/VGABIOS-lgpl-latest", "vgabios"),
-    ("/usr/lib/bochs/plugins/libbx_term.so", "bochs-term"),
+    ("/usr/lib/x86_64-linux-gnu/bochs/plugins/libbx_term_gui.so", "bochs-term"),
     ("grub-mkrescue", "grub-common"),
     ("/usr/lib/grub/i386-pc/multiboot.mod", "grub-pc-bin"),
     ("xorriso", "xorriso"),

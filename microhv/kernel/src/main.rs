@@ -34,6 +34,8 @@ mod selfcheck;
 mod time;
 #[cfg(target_os = "none")]
 mod trap;
+#[cfg(target_os = "none")]
+mod vmx;
 
 #[cfg(target_os = "none")]
 extern crate alloc;
@@ -164,6 +166,10 @@ mod start {
         if let Err(e) = selfcheck::run(&summary, &modules) {
             println!("microhv: self-check FAILED: {e}");
             power::off(exit::FAILURE)
+        }
+        match crate::vmx::probe() {
+            Ok(rev) => log::info!("VT-x: VMXON ok, VMCS revision {rev:#x}, VMCS field round trip ok (HVM domains come next)"),
+            Err(why) => log::info!("VT-x: {why}"),
         }
         if info.module_count == 0 {
             println!("microhv: self-check PASSED; no modules, so no domains; powering off");
