@@ -7,9 +7,10 @@ use x86_64::instructions::port::Port;
 pub fn off(code: u8) -> ! {
     x86_64::instructions::interrupts::disable();
     // Let the UART drain first: Bochs stops at once and would cut the output.
-    // SAFETY: reading COM1's line status register has no side effects.
     for _ in 0..1_000_000 {
-        if unsafe { Port::<u8>::new(0x3fd).read() } & 0x40 != 0 {
+        // SAFETY: reading COM1's line status register has no side effects.
+        let lsr = unsafe { Port::<u8>::new(0x3fd).read() };
+        if lsr & 0x40 != 0 {
             break;
         }
     }

@@ -79,7 +79,7 @@ pub fn probe() -> Result<u32, &'static str> {
     if !available() {
         return Err("this CPU has no VMX (QEMU TCG emulates none); HVM domains will be refused");
     }
-    // SAFETY (MSR accesses): these MSRs exist on every CPU with VMX.
+    // SAFETY: IA32_FEATURE_CONTROL exists on every CPU with VMX; reading it has no side effects.
     let fc = unsafe { Msr::new(IA32_FEATURE_CONTROL).read() };
     if fc & FC_LOCK == 0 {
         // SAFETY: enabling VMXON in the unlocked feature-control MSR, as firmware would.
@@ -87,7 +87,7 @@ pub fn probe() -> Result<u32, &'static str> {
     } else if fc & FC_VMXON_OUTSIDE_SMX == 0 {
         return Err("VMX is disabled by the firmware (IA32_FEATURE_CONTROL locked)");
     }
-    // SAFETY: as above.
+    // SAFETY: IA32_VMX_BASIC exists on every CPU with VMX; reading it has no side effects.
     let basic = unsafe { Msr::new(IA32_VMX_BASIC).read() };
     let revision = (basic & 0x7fff_ffff) as u32;
     // CR0 and CR4 must satisfy the VMX fixed bits.
