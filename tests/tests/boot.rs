@@ -1,6 +1,7 @@
 //! System tests for the foundation: a normal boot and deliberate faults.
 //! Each boots the real images in QEMU (TCG, -icount) and checks the serial console.
 
+use microhv_tests::assert_contains;
 use xtask::{test_run, Outcome, RunResult};
 
 fn boot(cmdline: &str) -> RunResult {
@@ -12,27 +13,28 @@ fn normal_boot_passes_its_self_check() {
     let r = boot("");
     let out = &r.serial;
     assert_eq!(r.outcome, Outcome::Success, "serial output:\n{out}");
-    for needle in [
-        "microhv 0.1.0",
-        "memory: ",
-        "MiB usable",
-        "frames free",
-        "heap 16384 KiB",
-        "timer: TSC",
-        "modules: 4",
-        "dom0.elf name=dom0 toolstack mem=32M",
-        "domu.elf",
-        "domu1.toml",
-        "domu2.toml",
-        "self-check: W^X ok",
-        "self-check: heap ok",
-        "self-check: frames ok",
-        "self-check: timer 30 ticks",
-        "self-check PASSED",
-        "VT-x: this CPU has no VMX",
-    ] {
-        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
-    }
+    assert_contains(
+        out,
+        &[
+            "microhv 0.1.0",
+            "memory: ",
+            "MiB usable",
+            "frames free",
+            "heap 16384 KiB",
+            "timer: TSC",
+            "modules: 4",
+            "dom0.elf name=dom0 toolstack mem=32M",
+            "domu.elf",
+            "domu1.toml",
+            "domu2.toml",
+            "self-check: W^X ok",
+            "self-check: heap ok",
+            "self-check: frames ok",
+            "self-check: timer 30 ticks",
+            "self-check PASSED",
+            "VT-x: this CPU has no VMX",
+        ],
+    );
 }
 
 #[test]
@@ -41,9 +43,10 @@ fn page_fault_in_the_hypervisor_gives_a_crash_report_and_failing_exit() {
     let out = &r.serial;
     assert_eq!(r.outcome, Outcome::Crash, "serial output:\n{out}");
     assert_ne!(r.outcome.exit_code(), 0);
-    for needle in ["microhv CRASH: exception 14 (#PF page fault)", "CR2=0x0000400000000000", "page not present on read", "RIP=0x", "RAX=0x", "R15=0x"] {
-        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
-    }
+    assert_contains(
+        out,
+        &["microhv CRASH: exception 14 (#PF page fault)", "CR2=0x0000400000000000", "page not present on read", "RIP=0x", "RAX=0x", "R15=0x"],
+    );
     assert!(!out.contains("self-check PASSED"));
 }
 

@@ -2,24 +2,13 @@
 //! the hostile-guest suite, one attack per domain, next to a normal DomU.
 //! QEMU runs with -icount, so guest time is deterministic.
 
+use microhv_tests::{assert_contains, assert_frames_returned};
 use xtask::{test_run, Outcome};
 
 fn lines_of<'a>(out: &'a str, prefix: &str) -> Vec<&'a str> {
     out.lines().filter(|l| l.starts_with(prefix)).collect()
 }
 
-fn assert_contains(out: &str, needles: &[&str]) {
-    for n in needles {
-        assert!(out.contains(n), "missing {n:?} in:\n{out}");
-    }
-}
-
-fn frames_balance(out: &str) {
-    let line = out.lines().find(|l| l.starts_with("microhv: memory:")).unwrap_or_else(|| panic!("no memory line in:\n{out}"));
-    let nums: Vec<u64> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
-    assert_eq!(nums.len(), 2, "{line}");
-    assert_eq!(nums[0], nums[1], "frames not all returned: {line}");
-}
 
 #[test]
 fn dom0_and_two_domus_do_their_work_and_shut_down_cleanly() {
@@ -80,7 +69,7 @@ fn dom0_and_two_domus_do_their_work_and_shut_down_cleanly() {
     for l in out.lines().filter(|l| l.starts_with('[') && !l.starts_with("[ ")) {
         assert!(l.starts_with("[dom0] ") || l.starts_with("[domu1] ") || l.starts_with("[domu2] "), "unprefixed line: {l}");
     }
-    frames_balance(out);
+    assert_frames_returned(out);
 }
 
 const ATTACKS: &[&str] = &[
@@ -190,5 +179,5 @@ fn hostile_guests_get_errors_or_are_ended_while_the_others_run_on() {
     // (domu1's sleep timings are not checked here: with sixteen busy
     // attackers the wake-up latency reflects the load; the demo test checks them.)
     assert_eq!(lines_of(out, "[domu1] sleep").len(), 3, "{out}");
-    frames_balance(out);
+    assert_frames_returned(out);
 }

@@ -2,6 +2,7 @@
 //! refused with clear errors), and paused, unpaused and destroyed by typing
 //! commands on Dom0's serial console.
 
+use microhv_tests::{assert_contains, assert_frames_returned};
 use xtask::{test_run, Outcome};
 
 #[test]
@@ -20,24 +21,23 @@ fn dom0_pauses_unpauses_and_destroys_domus_and_everything_is_given_back() {
     let r = run.run().expect("QEMU");
     let out = &r.serial;
     assert_eq!(r.outcome, Outcome::Success, "{out}");
-    for needle in [
-        "[dom0] pause sleeper1: done",
-        "'sleeper1' paused by dom0",
-        "sleeper1 paused",
-        "[dom0] unpause sleeper1: done",
-        "'sleeper1' unpaused by dom0",
-        "[dom0] pause: no domain named 'nobody'",
-        "[dom0] destroy dom0: EINVAL",
-        "[dom0] destroy sleeper1: done",
-        "'sleeper1' ended: destroyed by dom0",
-        "'sleeper2' ended: destroyed by dom0",
-        "microhv: summary: 3 domains ran: dom0 poweroff, sleeper1 destroyed by dom0, sleeper2 destroyed by dom0; exit success",
-    ] {
-        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
-    }
-    let line = out.lines().find(|l| l.starts_with("microhv: memory:")).expect("memory line");
-    let nums: Vec<u64> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
-    assert_eq!(nums[0], nums[1], "{line}");
+    assert_contains(
+        out,
+        &[
+            "[dom0] pause sleeper1: done",
+            "'sleeper1' paused by dom0",
+            "sleeper1 paused",
+            "[dom0] unpause sleeper1: done",
+            "'sleeper1' unpaused by dom0",
+            "[dom0] pause: no domain named 'nobody'",
+            "[dom0] destroy dom0: EINVAL",
+            "[dom0] destroy sleeper1: done",
+            "'sleeper1' ended: destroyed by dom0",
+            "'sleeper2' ended: destroyed by dom0",
+            "microhv: summary: 3 domains ran: dom0 poweroff, sleeper1 destroyed by dom0, sleeper2 destroyed by dom0; exit success",
+        ],
+    );
+    assert_frames_returned(out);
 }
 
 /// Writes a file into the image directory (QEMU runs there) and returns its name.
@@ -93,23 +93,22 @@ fn broken_configurations_and_images_are_refused_with_clear_errors() {
     let r = run.run().expect("QEMU");
     let out = &r.serial;
     assert_eq!(r.outcome, Outcome::Success, "{out}");
-    for needle in [
-        "[dom0] toolstack: t-trunc.toml: t-truncated.elf: ELF file truncated",
-        "[dom0] toolstack: t-arch.toml: t-arm.elf: ",
-        "[dom0] toolstack: t-small.toml: memory 1M is too small: the image needs",
-        "[dom0] toolstack: t-missing.toml: kernel: no module named 'nowhere.elf'",
-        "[dom0] toolstack: t-typo.toml: unknown key 'memroy'",
-        "[dom0] toolstack: created good (domain 1) from t-good.toml",
-        "[good] good up: domid 1",
-        "microhv: summary: 2 domains ran: dom0 poweroff, good poweroff; exit success",
-    ] {
-        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
-    }
+    assert_contains(
+        out,
+        &[
+            "[dom0] toolstack: t-trunc.toml: t-truncated.elf: ELF file truncated",
+            "[dom0] toolstack: t-arch.toml: t-arm.elf: ",
+            "[dom0] toolstack: t-small.toml: memory 1M is too small: the image needs",
+            "[dom0] toolstack: t-missing.toml: kernel: no module named 'nowhere.elf'",
+            "[dom0] toolstack: t-typo.toml: unknown key 'memroy'",
+            "[dom0] toolstack: created good (domain 1) from t-good.toml",
+            "[good] good up: domid 1",
+            "microhv: summary: 2 domains ran: dom0 poweroff, good poweroff; exit success",
+        ],
+    );
     // No half-built domain was left behind, and all memory came back.
     assert_eq!(out.matches("created by dom0").count(), 1, "a refused configuration still created a domain: {out}");
-    let line = out.lines().find(|l| l.starts_with("microhv: memory:")).expect("memory line");
-    let nums: Vec<u64> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
-    assert_eq!(nums[0], nums[1], "{line}");
+    assert_frames_returned(out);
 }
 
 #[test]
@@ -126,19 +125,20 @@ fn creating_and_destroying_100_domus_gives_everything_back() {
     let r = run.run().expect("QEMU");
     let out = &r.serial;
     assert_eq!(r.outcome, Outcome::Success, "{out}");
-    for needle in [
-        "[dom0] stress: after 100 of 100 create/destroy rounds:",
-        "[dom0] stress: all counters are back to their starting values",
-        "[dom0] toolstack: created tiny (domain 101) from t-tiny.toml",
-        "[dom0] create: t-tiny.toml: a domain named 'tiny' already exists",
-        "[dom0] serial input now goes to tiny (Ctrl-] switches)",
-        "[dom0] console: no running DomU named 'nobody'",
-        "[dom0] quit: destroying tiny: done",
-        "[dom0] destroy tiny: done",
-        "microhv: summary: 103 domains ran: dom0 poweroff, tiny destroyed by dom0 (x102); exit success",
-    ] {
-        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
-    }
+    assert_contains(
+        out,
+        &[
+            "[dom0] stress: after 100 of 100 create/destroy rounds:",
+            "[dom0] stress: all counters are back to their starting values",
+            "[dom0] toolstack: created tiny (domain 101) from t-tiny.toml",
+            "[dom0] create: t-tiny.toml: a domain named 'tiny' already exists",
+            "[dom0] serial input now goes to tiny (Ctrl-] switches)",
+            "[dom0] console: no running DomU named 'nobody'",
+            "[dom0] quit: destroying tiny: done",
+            "[dom0] destroy tiny: done",
+            "microhv: summary: 103 domains ran: dom0 poweroff, tiny destroyed by dom0 (x102); exit success",
+        ],
+    );
     // The before and after lines carry the same numbers.
     let nums = |prefix: &str| -> Vec<u64> {
         let l = out.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix:?} in:\n{out}"));
@@ -149,7 +149,5 @@ fn creating_and_destroying_100_domus_gives_everything_back() {
     let after = nums("[dom0] stress: after 100 of 100");
     assert_eq!(before.len(), 6, "{before:?}");
     assert_eq!(before, after);
-    let line = out.lines().find(|l| l.starts_with("microhv: memory:")).expect("memory line");
-    let n: Vec<u64> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
-    assert_eq!(n[0], n[1], "{line}");
+    assert_frames_returned(out);
 }

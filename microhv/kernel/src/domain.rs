@@ -637,19 +637,15 @@ pub fn bounce(hv: &mut Hv, cur: usize, handler: u64, err: Option<u64>) -> Result
     Ok(())
 }
 
-/// Raises VIRQ `virq` for a domain: marks its port pending and wakes it.
+/// Raises VIRQ `virq` for a domain: marks its bound port pending and wakes
+/// it. A timer with no bound port still wakes a blocked vCPU (that is how
+/// `sched_block` after `set_timer` works without event channels); other
+/// unbound VIRQs are dropped.
 pub fn send_virq(hv: &mut Hv, idx: usize, virq: u64) {
     match hv.evtchn.virq_port(hv.domains[idx].id, virq as u32) {
         Some(port) => raise(hv, idx, port),
-        // Without a bound port the timer still wakes a blocked vCPU.
-        None => hv.sched.wake(VcpuId(idx)),
-    }
-}
-
-/// Raises VIRQ `virq` for a domain only if it has bound it.
-pub fn send_virq_bound(hv: &mut Hv, idx: usize, virq: u64) {
-    if let Some(port) = hv.evtchn.virq_port(hv.domains[idx].id, virq as u32) {
-        raise(hv, idx, port);
+        None if virq == shared_abi::hypercall::VIRQ_TIMER => hv.sched.wake(VcpuId(idx)),
+        None => {}
     }
 }
 

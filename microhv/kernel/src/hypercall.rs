@@ -97,7 +97,7 @@ fn dispatch(hv: &mut Hv, cur: usize, call: Call) -> Outcome {
             domain::console_write(&mut hv.domains[cur], &bytes);
             if !hv.domains[cur].privileged {
                 if let Some(d0) = domain::index_of(hv, shared_abi::DomId::DOM0) {
-                    domain::send_virq_bound(hv, d0, VIRQ_CONSOLE);
+                    domain::send_virq(hv, d0, VIRQ_CONSOLE);
                 }
             }
             Ret(Ok(len))

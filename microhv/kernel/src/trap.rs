@@ -18,6 +18,42 @@ entry_next_cr3: .quad 0
 /* Top of the private hypervisor stack (not mapped in any guest). */
 entry_hv_stack_top: .quad 0
 
+    /* TrapFrame order: RAX is pushed first (the guest path needs it as a
+     * scratch register before the rest), then these, R15 last. */
+    .macro SAVE_GPRS_AFTER_RAX
+    push %rbx
+    push %rcx
+    push %rdx
+    push %rsi
+    push %rdi
+    push %rbp
+    push %r8
+    push %r9
+    push %r10
+    push %r11
+    push %r12
+    push %r13
+    push %r14
+    push %r15
+    .endm
+
+    .macro RESTORE_GPRS_BEFORE_RAX
+    pop %r15
+    pop %r14
+    pop %r13
+    pop %r12
+    pop %r11
+    pop %r10
+    pop %r9
+    pop %r8
+    pop %rbp
+    pop %rdi
+    pop %rsi
+    pop %rdx
+    pop %rcx
+    pop %rbx
+    .endm
+
     .section .entry_text, "ax"
     .p2align 4
     .global trap_stubs
@@ -44,20 +80,7 @@ trap_common:
     push %rax
     mov entry_hv_cr3(%rip), %rax
     mov %rax, %cr3
-    push %rbx
-    push %rcx
-    push %rdx
-    push %rsi
-    push %rdi
-    push %rbp
-    push %r8
-    push %r9
-    push %r10
-    push %r11
-    push %r12
-    push %r13
-    push %r14
-    push %r15
+    SAVE_GPRS_AFTER_RAX
     /* The frame stays on the entry stack; the handler runs on the private stack. */
     mov %rsp, %rbx
     mov entry_hv_stack_top(%rip), %rsp
@@ -68,20 +91,7 @@ trap_common:
     mov %rbx, %rsp
     .global exit_to_guest
 exit_to_guest:
-    pop %r15
-    pop %r14
-    pop %r13
-    pop %r12
-    pop %r11
-    pop %r10
-    pop %r9
-    pop %r8
-    pop %rbp
-    pop %rdi
-    pop %rsi
-    pop %rdx
-    pop %rcx
-    pop %rbx
+    RESTORE_GPRS_BEFORE_RAX
     mov entry_next_cr3(%rip), %rax
     mov %rax, %cr3
     pop %rax
@@ -91,38 +101,12 @@ exit_to_guest:
 from_ring0:
     /* An interrupt or exception while microhv itself runs: same stack, same CR3. */
     push %rax
-    push %rbx
-    push %rcx
-    push %rdx
-    push %rsi
-    push %rdi
-    push %rbp
-    push %r8
-    push %r9
-    push %r10
-    push %r11
-    push %r12
-    push %r13
-    push %r14
-    push %r15
+    SAVE_GPRS_AFTER_RAX
     mov %rsp, %rdi
     cld
     movabs $trap_dispatch, %rax
     call *%rax
-    pop %r15
-    pop %r14
-    pop %r13
-    pop %r12
-    pop %r11
-    pop %r10
-    pop %r9
-    pop %r8
-    pop %rbp
-    pop %rdi
-    pop %rsi
-    pop %rdx
-    pop %rcx
-    pop %rbx
+    RESTORE_GPRS_BEFORE_RAX
     pop %rax
     add $16, %rsp
     iretq

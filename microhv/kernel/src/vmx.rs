@@ -7,7 +7,7 @@
 
 use crate::mm;
 use core::arch::asm;
-use microhv_core::vmx::vmcs::GuestRip;
+use microhv_core::vmx::vmcs::{GuestRip, VmInstructionError};
 use microhv_core::vmx::{VmcsAccess, VmxError};
 use x86_64::registers::model_specific::Msr;
 
@@ -21,13 +21,13 @@ const FC_LOCK: u64 = 1 << 0;
 const FC_VMXON_OUTSIDE_SMX: u64 = 1 << 2;
 const CR4_VMXE: u64 = 1 << 13;
 
-/// RFLAGS after a VMX instruction: CF = VMfailInvalid, ZF = VMfailValid.
-fn check(rflags: u64, what: &str) -> Result<(), &'static str> {
-    let _ = what;
+/// RFLAGS after a VMX instruction: CF set = VMfailInvalid, ZF set =
+/// VMfailValid (the error number is then in the VM-instruction error field).
+fn check(rflags: u64) -> Result<(), VmxError> {
     if rflags & 1 != 0 {
-        Err("VMfailInvalid")
+        Err(VmxError::FailInvalid)
     } else if rflags & (1 << 6) != 0 {
-        Err("VMfailValid")
+        Err(VmxError::FailValid(0))
     } else {
         Ok(())
     }
@@ -35,6 +35,16 @@ fn check(rflags: u64, what: &str) -> Result<(), &'static str> {
 
 /// The current VMCS, through VMREAD/VMWRITE.
 pub struct CurrentVmcs;
+
+impl CurrentVmcs {
+    /// Fills in the VM-instruction error number of a VMfailValid.
+    fn detail(&self, e: VmxError) -> VmxError {
+        match e {
+            VmxError::FailValid(_) => VmxError::FailValid(VmInstructionError::read(self).unwrap_or(0)),
+            other => other,
+        }
+    }
+}
 
 impl VmcsAccess for CurrentVmcs {
     fn vmread(&self, encoding: u32) -> Result<u64, VmxError> {
@@ -44,11 +54,7 @@ impl VmcsAccess for CurrentVmcs {
         unsafe {
             asm!("vmread {v}, {e}", "pushfq", "pop {f}", v = out(reg) value, e = in(reg) encoding as u64, f = out(reg) flags);
         }
-        match check(flags, "vmread") {
-            Ok(()) => Ok(value),
-            Err("VMfailInvalid") => Err(VmxError::FailInvalid),
-            Err(_) => Err(VmxError::FailValid(self.vmread(0x4400).unwrap_or(0) as u32)),
-        }
+        check(flags).map(|_| value).map_err(|e| self.detail(e))
     }
 
     fn vmwrite(&mut self, encoding: u32, value: u64) -> Result<(), VmxError> {
@@ -58,11 +64,7 @@ impl VmcsAccess for CurrentVmcs {
         unsafe {
             asm!("vmwrite {e}, {v}", "pushfq", "pop {f}", e = in(reg) encoding as u64, v = in(reg) value, f = out(reg) flags);
         }
-        match check(flags, "vmwrite") {
-            Ok(()) => Ok(()),
-            Err("VMfailInvalid") => Err(VmxError::FailInvalid),
-            Err(_) => Err(VmxError::FailValid(self.vmread(0x4400).unwrap_or(0) as u32)),
-        }
+        check(flags).map_err(|e| self.detail(e))
     }
 }
 
@@ -117,13 +119,13 @@ pub fn probe() -> Result<u32, &'static str> {
     let flags: u64;
     // SAFETY: VMXON with a valid, aligned region; CR0/CR4 meet the fixed bits.
     unsafe { asm!("vmxon [{p}]", "pushfq", "pop {f}", p = in(reg) &on_pa, f = out(reg) flags) };
-    check(flags, "vmxon").map_err(|_| "VMXON failed")?;
+    check(flags).map_err(|_| "VMXON failed")?;
     let flags: u64;
     // SAFETY: VMCLEAR then VMPTRLD of our own VMCS region.
     unsafe {
         asm!("vmclear [{p}]", "vmptrld [{p}]", "pushfq", "pop {f}", p = in(reg) &vmcs_pa, f = out(reg) flags);
     }
-    check(flags, "vmptrld").map_err(|_| "VMPTRLD failed")?;
+    check(flags).map_err(|_| "VMPTRLD failed")?;
     let mut v = CurrentVmcs;
     GuestRip::write(&mut v, 0x1234_5678).map_err(|_| "VMWRITE failed")?;
     if GuestRip::read(&v).map_err(|_| "VMREAD failed")? != 0x1234_5678 {

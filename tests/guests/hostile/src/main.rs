@@ -20,7 +20,7 @@ mod guest {
     extern crate alloc;
     use core::sync::atomic::{AtomicU64, Ordering};
     use microhv_guest::hypercall as hc;
-    use microhv_guest::mm::{self, PTE_ADDR, PTE_PRESENT, PTE_RW, PTE_USER};
+    use microhv_guest::mm::{self, PTE_PRESENT, PTE_RW, PTE_USER};
     use microhv_guest::shared_abi::hypercall::*;
     use microhv_guest::shared_abi::HYPERVISOR_VA_START;
     use microhv_guest::traps::{self, ExceptionFrame};
@@ -90,7 +90,7 @@ mod guest {
             "balloon" => balloon(si),
             "evtchn" => evtchn(),
             "grant" => grant(si),
-            "store-snoop" => store_snoop(si),
+            "store-snoop" => store_snoop(),
             "console-garbage" => console_garbage(si),
             "store-garbage" => store_garbage(si),
             "sleeper" => loop {
@@ -174,7 +174,7 @@ mod guest {
         check("end it again (stale)", unsafe { hc::grant_end(gref) }, Errno::EINVAL);
     }
 
-    fn store_snoop(si: &StartInfo) {
+    fn store_snoop() {
         use microhv_guest::shared_abi::store::{Request, Response};
         use microhv_guest::store;
         let home = store::home();
@@ -201,7 +201,6 @@ mod guest {
             Err(e) => Err(e),
         };
         check("set 100 watches", got, Errno::ENOSPC);
-        let _ = si;
     }
 
     /// Corrupts the producer index of our console ring: Dom0's backend must
@@ -567,7 +566,6 @@ mod guest {
         check("release our own L4 (a page table)", rel(si.pt_base_mfn), Errno::EBUSY);
         check("release a frame that is still mapped", rel(mm::p2m()[si.first_free_pfn as usize]), Errno::EBUSY);
         let sh = mm::translate(si.shared_info_va).unwrap_or(0);
-        let _ = PTE_ADDR;
         check("release shared_info", rel(sh), Errno::EBUSY);
         // Finally, fill up to the limit exactly: that must work.
         let ok = unsafe { hc::memory_populate(GuestVa(out.as_mut_ptr() as u64), room) };
