@@ -148,6 +148,19 @@ macro_rules! for_each_hypercall {
             /// Privileged: write `HvStats` (free memory, event channels, grants
             /// and mappings in use) to `out`.
             43 DOMCTL_STATS DomctlStats domctl_stats(out: GuestVa) [PV - DOM0];
+            /// Dom0 only: take `count` (1..=`DMA_POPULATE_MAX`) new, zeroed frames
+            /// that are contiguous in machine memory and below 4 GiB, so that a
+            /// device can reach them by DMA. They count against Dom0's limit.
+            /// Returns the first MFN; map them with `mmu_update`.
+            44 DMA_POPULATE DmaPopulate dma_populate(count: u64) [PV - DOM0];
+            /// Dom0 only: route the device interrupt line `irq` (an I/O APIC input,
+            /// 1..=23, not one microhv uses) to a new event channel of Dom0.
+            /// The line is level-triggered and stays masked after each interrupt
+            /// until `irq_eoi`. Returns the port.
+            45 IRQ_BIND IrqBind irq_bind(irq: u64) [PV - DOM0];
+            /// Dom0 only: end of interrupt for `irq` (bound with `irq_bind`): the
+            /// device has been serviced, so microhv unmasks the line again.
+            46 IRQ_EOI IrqEoi irq_eoi(irq: u64) [PV - DOM0];
         }
     };
 }
@@ -303,6 +316,8 @@ pub const VIRQ_COUNT: u64 = 2;
 pub const CONSOLE_WRITE_MAX: u64 = 4096;
 /// Most entries one `mmu_update`, `memory_populate` or `memory_release` takes.
 pub const BATCH_MAX: u64 = 512;
+/// Most frames one `dma_populate` takes.
+pub const DMA_POPULATE_MAX: u64 = 64;
 
 /// One request of `mmu_update`: write `val` to the page-table entry at
 /// machine address `ptr` (the table's MFN * 4096 + index * 8).
@@ -536,7 +551,7 @@ mod tests {
 
     #[test]
     fn unknown_numbers_are_enosys_never_success() {
-        for n in [0, 44, 50, 63, 1000, u64::MAX] {
+        for n in [0, 47, 56, 63, 1000, u64::MAX] {
             assert_eq!(Call::decode(n, [0; 5]), Err(Errno::ENOSYS), "number {n}");
             assert_eq!(check_access(n, GuestKind::Pv, true).err(), Some(Errno::ENOSYS));
         }

@@ -15,6 +15,7 @@
 
 extern crate alloc;
 
+pub mod blkif;
 pub mod console;
 pub mod device;
 pub mod errno;

@@ -186,6 +186,42 @@ impl MemoryMap {
     }
 }
 
+/// Highest physical address Dom0 may map device memory below (40 bits, 1 TiB).
+pub const DEVICE_MEMORY_LIMIT: u64 = 1 << 40;
+
+impl MemoryMap {
+    /// The device memory (MMIO) Dom0 may map, as half-open frame-number
+    /// ranges: every page from 1 MiB up to [`DEVICE_MEMORY_LIMIT`] that no map
+    /// entry describes (neither usable nor reserved), minus the pages in
+    /// `hypervisor_pages` (physical addresses of the local and I/O APICs,
+    /// which microhv drives itself). PCI BARs live in these holes.
+    pub fn device_frames(&self, hypervisor_pages: &[u64]) -> alloc::vec::Vec<(u64, u64)> {
+        let mut known: alloc::vec::Vec<Range> = self.usable.iter().chain(self.reserved.iter()).collect();
+        known.push(Range::new(0, 1 << 20));
+        known.extend(hypervisor_pages.iter().map(|&p| Range::from_base_len(p & !(PAGE_SIZE - 1), PAGE_SIZE)));
+        known.sort_by_key(|r| r.start);
+        let mut out = alloc::vec::Vec::new();
+        let mut at = 0u64;
+        for r in known {
+            if r.start > at {
+                out.push((at, r.start.min(DEVICE_MEMORY_LIMIT)));
+            }
+            at = at.max(r.end);
+            if at >= DEVICE_MEMORY_LIMIT {
+                break;
+            }
+        }
+        if at < DEVICE_MEMORY_LIMIT {
+            out.push((at, DEVICE_MEMORY_LIMIT));
+        }
+        // Whole frames only: a partial page at either end holds something known.
+        out.into_iter()
+            .map(|(s, e)| (s.div_ceil(PAGE_SIZE), e / PAGE_SIZE))
+            .filter(|(s, e)| s < e)
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,5 +351,33 @@ mod tests {
         let buf = raw(&[(0x100000, 0x1000, 1)]);
         let items: Vec<_> = parse_multiboot_mmap(&buf[..20]).collect();
         assert_eq!(items, vec![Err(MmapError::Truncated { offset: 0 })]);
+    }
+
+    #[test]
+    fn device_frames_are_the_holes_above_1m_minus_the_apics() {
+        let map = MemoryMap::from_entries([
+            MapEntry { base: 0, len: 0x9fc00, kind: RegionKind::Usable },
+            MapEntry { base: 0x100000, len: 0x7f00000, kind: RegionKind::Usable },
+            MapEntry { base: 0xfeffc000, len: 0x4000, kind: RegionKind::Reserved },
+            MapEntry { base: 0xfffc0000, len: 0x40000, kind: RegionKind::Reserved },
+        ])
+        .unwrap();
+        let d = map.device_frames(&[0xfee00000, 0xfec00000]);
+        assert_eq!(
+            d,
+            alloc::vec![
+                (0x8000, 0xfec00),
+                (0xfec01, 0xfee00),
+                (0xfee01, 0xfeffc),
+                (0xff000, 0xfffc0),
+                (0x100000, DEVICE_MEMORY_LIMIT / PAGE_SIZE)
+            ]
+        );
+        // RAM is never in it.
+        for (s, e) in d {
+            for r in map.usable.iter() {
+                assert!(e * PAGE_SIZE <= r.start || s * PAGE_SIZE >= r.end);
+            }
+        }
     }
 }

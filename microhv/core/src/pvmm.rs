@@ -179,6 +179,9 @@ pub struct FrameTable {
     orphans: BTreeSet<u64>,
     /// Orphans whose last mapping went; now [`Owner::Free`], not yet taken.
     freed_orphans: Vec<Mfn>,
+    /// Device memory (MMIO) each domain may map: half-open MFN ranges that
+    /// are never RAM. See [`FrameTable::permit_io`].
+    io: BTreeMap<DomId, Vec<(u64, u64)>>,
 }
 
 impl FrameTable {
@@ -195,7 +198,36 @@ impl FrameTable {
             dropped: Vec::new(),
             orphans: BTreeSet::new(),
             freed_orphans: Vec::new(),
+            io: BTreeMap::new(),
         }
+    }
+
+    /// Lets `dom` map the device-memory frames `start..end` in its L1 tables
+    /// (the device MMIO ranges Dom0 owns). Such entries take no reference:
+    /// these frames are not RAM and have no owner in the table. The caller
+    /// must pass ranges that hold no RAM frame (microhv derives them from the
+    /// memory map), and -EINVAL comes back for a range overlapping a frame
+    /// some domain or the allocator holds.
+    pub fn permit_io(&mut self, dom: DomId, start: u64, end: u64) -> Result<(), Errno> {
+        if start >= end {
+            return Err(Errno::EINVAL);
+        }
+        let first = start.min(self.frames.len() as u64);
+        let last = end.min(self.frames.len() as u64);
+        if self.frames[first as usize..last as usize].iter().any(|f| f.owner != Owner::Hypervisor) {
+            return Err(Errno::EINVAL);
+        }
+        self.io.entry(dom).or_default().push((start, end));
+        Ok(())
+    }
+
+    /// Whether `dom` may map the device frame `mfn`.
+    pub fn io_permitted(&self, dom: DomId, mfn: u64) -> bool {
+        self.io.get(&dom).is_some_and(|v| v.iter().any(|&(s, e)| (s..e).contains(&mfn)))
+    }
+
+    fn is_io(&self, mfn: u64) -> bool {
+        self.io.values().flatten().any(|&(s, e)| (s..e).contains(&mfn))
     }
 
     /// Changes the entry written into slot [`HV_L4_SLOT`] by later pins.
@@ -674,6 +706,7 @@ impl FrameTable {
             }
         }
         self.owned.remove(&dom);
+        self.io.remove(&dom);
         freed
     }
 
@@ -764,6 +797,10 @@ impl FrameTable {
         if e & !allowed != 0 {
             return Err(Errno::EINVAL);
         }
+        // Device memory the domain owns: mapped as is, without references.
+        if level == 1 && self.io_permitted(dom, (e & ADDR_MASK) / PAGE) {
+            return Ok(());
+        }
         let t = self.slot(Mfn((e & ADDR_MASK) / PAGE)).ok_or(Errno::EINVAL)?;
         if self.frames[t].owner != Owner::Domain(dom) {
             return Err(Errno::EPERM);
@@ -786,6 +823,9 @@ impl FrameTable {
     /// Drops the references a validated entry of a table of `level` holds.
     fn put_entry<M: MachineMemory>(&mut self, mem: &mut M, e: u64, level: u8) {
         if e & P == 0 {
+            return;
+        }
+        if level == 1 && self.is_io((e & ADDR_MASK) / PAGE) {
             return;
         }
         let Some(t) = self.slot(Mfn((e & ADDR_MASK) / PAGE)) else {
@@ -940,6 +980,32 @@ mod tests {
         assert_eq!(ft.mmu_update(&mut m, D, ptr(L2, 1), pte(HV_FRAME, P)), Err(Errno::EPERM));
         assert_eq!(ft.pin(&mut m, D, Mfn(HV_FRAME), 1), Err(Errno::EPERM));
         assert_eq!(ft.pin(&mut m, D, Mfn(NR), 1), Err(Errno::EINVAL));
+    }
+
+    #[test]
+    fn device_memory_is_mappable_only_by_the_domain_it_was_permitted_to() {
+        let (mut ft, mut m) = pinned_guest();
+        // Frames 1000..1004 are device memory beyond RAM, 61..62 a hole in it.
+        assert_eq!(ft.permit_io(D, 1000, 1004), Ok(()));
+        assert_eq!(ft.permit_io(D, 61, 62), Ok(()));
+        // Ranges holding a frame someone owns are refused.
+        assert_eq!(ft.permit_io(D, 40, 42), Err(Errno::EINVAL));
+        assert_eq!(ft.permit_io(D, 5, 5), Err(Errno::EINVAL));
+        let uc = PteFlags::NO_CACHE.bits() | PteFlags::WRITE_THROUGH.bits();
+        assert_eq!(ft.mmu_update(&mut m, D, ptr(L1, 11), pte(1001, P | RW | uc)), Ok(()));
+        assert_eq!(ft.mmu_update(&mut m, D, ptr(L1, 12), pte(61, P | RW)), Ok(()));
+        // Nobody else: the other domain gets the usual refusal.
+        assert!(!ft.io_permitted(E, 1001));
+        assert_eq!(ft.mmu_update(&mut m, D, ptr(L1, 13), pte(1004, P | RW)), Err(Errno::EINVAL));
+        // Not as a table, and never a hypercall buffer.
+        assert_eq!(ft.mmu_update(&mut m, D, ptr(L2, 1), pte(1001, P | RW)), Err(Errno::EINVAL));
+        assert_eq!(ft.translate(&m, D, Mfn(L4), 11 * PAGE, false), Err(Errno::EFAULT));
+        // Unmapping and tearing down take no references that were not there.
+        assert_eq!(ft.mmu_update(&mut m, D, ptr(L1, 11), 0), Ok(()));
+        assert_eq!(info(&ft, 61).map_count, 0);
+        let freed = ft.teardown(&mut m, D);
+        assert_eq!(freed.len(), 40);
+        assert!(!ft.io_permitted(D, 1001));
     }
 
     #[test]

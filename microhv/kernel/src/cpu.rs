@@ -218,16 +218,20 @@ pub fn init(use_alias: bool) {
 
 /// The serial port Dom0 drives (COM1, ports 0x3f8..=0x3ff).
 pub const COM1_PORTS: core::ops::RangeInclusive<u16> = 0x3f8..=0x3ff;
+/// PCI configuration mechanism #1 (address 0xcf8, data 0xcfc..=0xcff).
+pub const PCI_CONFIG_PORTS: core::ops::RangeInclusive<u16> = 0xcf8..=0xcff;
 
-/// Opens (or closes) COM1 in the TSS I/O bitmap for the guest about to
-/// run: only Dom0 gets it. IOPL stays 0, so every other port still faults.
-pub fn set_guest_com1_access(allow: bool) {
+/// Opens (or closes) the ports Dom0 owns in the TSS I/O bitmap for the guest
+/// about to run: COM1 and PCI configuration space, for Dom0 only. IOPL stays
+/// 0, so every other port still faults.
+pub fn set_guest_port_access(allow: bool) {
     // SAFETY: the TSS is written through its identity mapping while no guest
     // runs (we are on the way out to one, interrupts off, single CPU).
     unsafe {
         let tss = &mut *core::ptr::addr_of_mut!(TSS);
-        let byte = (*COM1_PORTS.start() / 8) as usize;
-        // 0x3f8..=0x3ff is exactly one bitmap byte; a clear bit allows the port.
-        tss.io_bitmap[byte] = if allow { 0x00 } else { 0xff };
+        // Each range is exactly one bitmap byte; a clear bit allows the port.
+        for ports in [COM1_PORTS, PCI_CONFIG_PORTS] {
+            tss.io_bitmap[(*ports.start() / 8) as usize] = if allow { 0x00 } else { 0xff };
+        }
     }
 }

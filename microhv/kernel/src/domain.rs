@@ -103,6 +103,10 @@ pub struct Hv {
     pub dom0_modules: Vec<shared_abi::hypercall::ModuleInfo>,
     /// The next domid `domctl_create` gives out (never reused).
     pub next_domid: u16,
+    /// Device memory Dom0 may map (frame ranges; see `MemoryMap::device_frames`).
+    pub device_frames: Vec<(u64, u64)>,
+    /// Device interrupts delivered to Dom0 so far.
+    pub irq_count: u64,
 }
 
 pub static HV: Mutex<Option<Hv>> = Mutex::new(None);
@@ -288,6 +292,14 @@ pub fn alloc_domain(
     };
     let _ = hv.evtchn.add_domain(id, DEFAULT_MAX_PORTS);
     let _ = hv.grants.add_domain(id, DEFAULT_MAX_GRANTS);
+    // The privileged domain drives the devices: it may map their MMIO.
+    if privileged {
+        for &(s, e) in &hv.device_frames {
+            if let Err(err) = hv.frames.permit_io(id, s, e) {
+                log::warn!("{name}: device memory {:#x}..{:#x} not permitted: {err}", s << 12, e << 12);
+            }
+        }
+    }
     hv.domains.push(dom);
     Ok(hv.domains.len() - 1)
 }
@@ -472,7 +484,7 @@ fn offer_channels(
 }
 
 /// Builds Dom0 (the first module) and the DomUs, then enters the first domain.
-pub fn start(modules: &[(&'static [u8], String)], hv_l4_entry: u64) -> ! {
+pub fn start(modules: &[(&'static [u8], String)], hv_l4_entry: u64, device_frames: Vec<(u64, u64)>) -> ! {
     let mut hv = Hv {
         domains: Vec::new(),
         frames: FrameTable::new(mm::frame_limit(), hv_l4_entry),
@@ -484,6 +496,8 @@ pub fn start(modules: &[(&'static [u8], String)], hv_l4_entry: u64) -> ! {
         ran_since: 0,
         dom0_modules: Vec::new(),
         next_domid: 1,
+        device_frames,
+        irq_count: 0,
     };
     let mut failed = 0;
     let free_at_start = mm::free_frames();
@@ -565,6 +579,10 @@ pub fn guest_entry(frame: &mut TrapFrame) {
                 force = guest_exception(hv, cur, frame);
             }
             v if v == apic::SPURIOUS_VECTOR as u64 => {}
+            v if crate::irq::line_of(v).is_some() => {
+                crate::irq::on_interrupt(crate::irq::line_of(v).unwrap_or(0));
+                force = true;
+            }
             _ => apic::eoi(),
         }
     }
@@ -646,6 +664,21 @@ pub fn send_virq(hv: &mut Hv, idx: usize, virq: u64) {
         Some(port) => raise(hv, idx, port),
         None if virq == shared_abi::hypercall::VIRQ_TIMER => hv.sched.wake(VcpuId(idx)),
         None => {}
+    }
+}
+
+/// Raises the event channel bound to each device line that fired (see
+/// `irq.rs`). A line nobody has bound (any more) stays masked.
+pub fn deliver_irqs(hv: &mut Hv) {
+    let mut lines = crate::irq::take_pending();
+    while lines != 0 {
+        let line = lines.trailing_zeros();
+        lines &= lines - 1;
+        hv.irq_count += 1;
+        match hv.evtchn.pirq_port(line).and_then(|(d, port)| index_of(hv, d).map(|i| (i, port))) {
+            Some((i, port)) => raise(hv, i, port),
+            None => log::warn!("device interrupt on line {line} with no live domain bound to it; left masked"),
+        }
     }
 }
 
@@ -811,6 +844,7 @@ pub fn schedule(frame: &mut TrapFrame, force: bool) {
         // A vCPU woken by its timer preempts the running one (it goes to the
         // back of the queue), so timer latency is not a whole time slice.
         let runnable_before = hv.sched.runnable_count();
+        deliver_irqs(hv);
         fire_timers(hv, now);
         hv.sched.wake_expired(now);
         let woke = hv.sched.runnable_count() > runnable_before;
@@ -895,7 +929,7 @@ pub fn schedule(frame: &mut TrapFrame, force: bool) {
         let d = &hv.domains[n];
         *frame = d.vcpu.regs;
         trap::set_next_cr3(d.vcpu.cr3.addr());
-        cpu::set_guest_com1_access(d.privileged);
+        cpu::set_guest_port_access(d.privileged);
         // The next event: slice end, a one-shot timer, or a sched_poll deadline.
         let deadline = [earliest_timer(hv), hv.sched.next_wakeup()]
             .into_iter()

@@ -462,6 +462,29 @@ fn dispatch(hv: &mut Hv, cur: usize, call: Call) -> Outcome {
             }
             Ret(write_guest(hv, cur, out, &b).map(|_| 0))
         }
+        Call::DmaPopulate { count } => Ret(dma_populate(hv, cur, count)),
+        Call::IrqBind { irq } => {
+            if !crate::irq::bindable(irq) {
+                return Ret(Err(Errno::EINVAL));
+            }
+            let id = hv.domains[cur].id;
+            let r = hv.evtchn.bind_pirq(id, irq as u32).map(u64::from);
+            if r.is_ok() {
+                crate::irq::unmask(irq as u32);
+                log::info!("{}: device interrupt line {irq} bound to event channel {}", hv.domains[cur].name, r.unwrap_or(0));
+            }
+            Ret(r)
+        }
+        Call::IrqEoi { irq } => {
+            let id = hv.domains[cur].id;
+            match hv.evtchn.pirq_port(irq.min(u64::from(u32::MAX)) as u32) {
+                Some((d, _)) if d == id => {
+                    crate::irq::unmask(irq as u32);
+                    Ret(Ok(0))
+                }
+                _ => Ret(Err(Errno::EINVAL)),
+            }
+        }
         Call::DomctlList { out, max } => {
             let n = hv.domains.len();
             let k = (max as usize).min(n);
@@ -528,6 +551,34 @@ fn populate(hv: &mut Hv, cur: usize, frames: GuestVa, count: u64) -> Result<u64,
     }
     hv.domains[cur].nr_pages += count;
     Ok(count)
+}
+
+/// `dma_populate`: contiguous frames below 4 GiB for Dom0's device DMA.
+fn dma_populate(hv: &mut Hv, cur: usize, count: u64) -> Result<u64, Errno> {
+    if count == 0 || count > DMA_POPULATE_MAX {
+        return Err(Errno::EINVAL);
+    }
+    let d = &hv.domains[cur];
+    if d.nr_pages + count > d.max_pages {
+        return Err(Errno::ENOMEM);
+    }
+    let id = d.id;
+    let first = mm::alloc_contiguous_low(count).ok_or(Errno::ENOMEM)?;
+    for f in first.0..first.0 + count {
+        let mfn = Mfn(f);
+        microhv_core::machine::MachineMemory::zero(&mut Identity, mfn);
+        if hv.frames.assign(mfn, id).is_err() {
+            for g in first.0..f {
+                let _ = hv.frames.release(Mfn(g), id);
+            }
+            for g in first.0..first.0 + count {
+                let _ = mm::free_frame(microhv_core::frame::Mfn(g));
+            }
+            return Err(Errno::ENOMEM);
+        }
+    }
+    hv.domains[cur].nr_pages += count;
+    Ok(first.0)
 }
 
 fn release(hv: &mut Hv, cur: usize, frames: GuestVa, count: u64) -> Result<u64, Errno> {

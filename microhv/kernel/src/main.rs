@@ -25,6 +25,8 @@ mod domain;
 #[cfg(target_os = "none")]
 mod hypercall;
 #[cfg(target_os = "none")]
+mod irq;
+#[cfg(target_os = "none")]
 mod mm;
 #[cfg(target_os = "none")]
 mod power;
@@ -185,7 +187,9 @@ mod start {
                 (bytes, alloc::string::String::from(m.name.as_str()))
             })
             .collect();
-        crate::domain::start(&mods, summary.hv_l4_entry)
+        let device_frames = map.device_frames(&[apic_phys, crate::irq::IOAPIC_PHYS]);
+        crate::irq::init();
+        crate::domain::start(&mods, summary.hv_l4_entry, device_frames)
     }
 
     /// Formats into a fixed buffer (used before the heap exists).

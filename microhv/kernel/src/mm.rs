@@ -152,6 +152,8 @@ pub fn init(map: &MemoryMap, modules: &RangeSet<{ microhv_core::multiboot::MAX_M
     let hv_l4_entry = pt.memory().table(root)[511];
     // Local APIC registers, uncached.
     pt.map_4k(apic_base, apic_base, rw | PteFlags::NO_CACHE | PteFlags::WRITE_THROUGH)?;
+    // The I/O APIC's registers, uncached.
+    pt.map_4k(crate::irq::IOAPIC_PHYS, crate::irq::IOAPIC_PHYS, rw | PteFlags::NO_CACHE | PteFlags::WRITE_THROUGH)?;
 
     let cr3 = pt.root();
     // SAFETY: the new tables map everything the running code touches (image,
@@ -204,6 +206,20 @@ pub fn translate(cr3: u64, va: u64) -> Option<(u64, PteFlags)> {
 
 pub fn heap_free() -> usize {
     HEAP.lock().free()
+}
+
+/// `count` contiguous frames below 4 GiB (for device DMA).
+pub fn alloc_contiguous_low(count: u64) -> Option<Mfn> {
+    let mut g = FRAMES.lock();
+    let a = g.as_mut()?;
+    let first = a.alloc_contiguous(count, 1)?;
+    if (first.0 + count) * PAGE_SIZE > 1 << 32 {
+        for f in first.0..first.0 + count {
+            let _ = a.free(Mfn(f));
+        }
+        return None;
+    }
+    Some(first)
 }
 
 pub fn alloc_frame() -> Option<Mfn> {
