@@ -44,6 +44,8 @@ errnos! {
     ENOSPC = 28, "no free slot";
     ERANGE = 34, "value out of range";
     ENOSYS = 38, "unknown hypercall, or not available to this guest kind";
+    EOPNOTSUPP = 95, "operation not supported";
+    ETIMEDOUT = 110, "timed out";
 }
 
 impl Errno {

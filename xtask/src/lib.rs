@@ -83,7 +83,7 @@ pub fn ensure_packages(commands_and_packages: &[(&str, &str)]) -> Result<()> {
 }
 
 pub fn ensure_qemu() -> Result<()> {
-    ensure_packages(&[("qemu-system-x86_64", "qemu-system-x86")])
+    ensure_packages(&[("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils")])
 }
 
 /// Paths of the bootable images.
@@ -292,6 +292,41 @@ pub struct QemuRun {
     pub input: Option<Vec<u8>>,
     /// Let the user type on the serial line (stdin passed through).
     pub interactive: bool,
+    /// A raw disk image attached as a virtio-blk PCI device (Dom0 drives it).
+    pub disk: Option<PathBuf>,
+}
+
+/// Size of the disk image `ensure_disk` creates.
+pub const DISK_MIB: u64 = 64;
+
+/// Where `cargo xtask qemu` keeps its disk between runs.
+pub fn default_disk() -> PathBuf {
+    project_root().join("target").join("microhv-disk.img")
+}
+
+/// Creates the raw disk image `path` with `qemu-img` unless it exists
+/// (`fresh`: delete it first). Returns whether it was created.
+pub fn ensure_disk(path: &Path, fresh: bool) -> Result<bool> {
+    if fresh && path.exists() {
+        std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    if path.exists() {
+        return Ok(false);
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let ok = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "raw"])
+        .arg(path)
+        .arg(format!("{DISK_MIB}M"))
+        .status()
+        .context("running qemu-img (package qemu-utils)")?
+        .success();
+    if !ok {
+        bail!("qemu-img could not create {}", path.display());
+    }
+    Ok(true)
 }
 
 #[derive(Debug)]
@@ -322,6 +357,7 @@ impl QemuRun {
             extra_args: Vec::new(),
             input: None,
             interactive: false,
+            disk: None,
         }
     }
 
@@ -346,6 +382,11 @@ impl QemuRun {
             cmd.args(["-initrd", &self.modules.join(",")]);
         }
         cmd.args(["-append", &self.cmdline]);
+        if let Some(disk) = &self.disk {
+            let abs = std::fs::canonicalize(disk).unwrap_or_else(|_| disk.clone());
+            cmd.args(["-drive", &format!("file={},format=raw,if=none,id=vd0,cache=writeback", abs.display())]);
+            cmd.args(["-device", "virtio-blk-pci,drive=vd0"]);
+        }
         cmd.args(&self.extra_args);
         cmd
     }

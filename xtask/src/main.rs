@@ -4,7 +4,7 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use std::process::Command;
 use std::time::Duration;
-use xtask::{abidoc, build_images, detect_accel, ensure_qemu, project_root, Accel, QemuRun};
+use xtask::{abidoc, build_images, default_disk, detect_accel, ensure_disk, ensure_qemu, project_root, Accel, QemuRun, DISK_MIB};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Build, boot and test microhv")]
@@ -36,6 +36,9 @@ enum Cmd {
         /// Deterministic virtual time: QEMU's clock counts instructions.
         #[arg(long)]
         icount: bool,
+        /// Start over with a new, zeroed disk image (target/microhv-disk.img).
+        #[arg(long)]
+        fresh_disk: bool,
         /// Type on the serial line: Dom0 takes commands (help, list, quit) and
         /// Ctrl-] switches the input to a DomU; Dom0 stays up until `quit`.
         #[arg(long)]
@@ -77,7 +80,7 @@ fn run(cli: Cli) -> Result<i32> {
             println!("xtask: images in {}", images.dir.display());
             Ok(0)
         }
-        Cmd::Qemu { release, accel, cmdline, timeout, icount, interactive } => {
+        Cmd::Qemu { release, accel, cmdline, timeout, icount, interactive, fresh_disk } => {
             ensure_qemu()?;
             let images = build_images(release)?;
             let (accel, why) = match accel {
@@ -90,6 +93,13 @@ fn run(cli: Cli) -> Result<i32> {
             run.timeout = Duration::from_secs(timeout);
             run.echo = true;
             run.icount = icount;
+            let disk = default_disk();
+            if ensure_disk(&disk, fresh_disk)? {
+                println!("xtask: created disk image {} ({DISK_MIB} MiB, zeroed)", disk.display());
+            } else {
+                println!("xtask: disk image {} (kept from earlier runs; --fresh-disk starts over)", disk.display());
+            }
+            run.disk = Some(disk);
             if interactive {
                 run.interactive = true;
                 run.timeout = Duration::from_secs(24 * 3600);

@@ -7,6 +7,7 @@
 
 extern crate alloc;
 
+pub mod blkback;
 pub mod config;
 pub mod input;
 pub mod store;

@@ -80,6 +80,8 @@ mod uart {
 
 #[cfg(target_os = "none")]
 mod toolstack;
+#[cfg(target_os = "none")]
+mod blk;
 
 #[cfg(target_os = "none")]
 mod guest {
@@ -354,7 +356,7 @@ mod guest {
         microhv_guest::console::set_sink(uart::dom0_sink);
         // Virtual slots kept free: backends' pages, boot modules, builder scratch.
         let module_pages = crate::toolstack::module_pages();
-        let heap = microhv_guest::init_heap(si, SLOTS as u64 + module_pages + SCRATCH_SLOTS);
+        let heap = microhv_guest::init_heap(si, SLOTS as u64 + module_pages + SCRATCH_SLOTS + crate::blk::SLOTS);
         println!(
             "{} up: domid {}, {} pages ({} KiB), heap {} KiB, privileged: {}; driving COM1",
             si.name(),
@@ -370,6 +372,13 @@ mod guest {
         let mut module_slots = mm::free_slots_vec(module_pages, SLOTS as u64).unwrap_or_default();
         let scratch =
             mm::free_slots_vec(SCRATCH_SLOTS, SLOTS as u64 + module_pages).unwrap_or_default();
+        let blk_slots = mm::free_slots_vec(crate::blk::SLOTS, SLOTS as u64 + module_pages + SCRATCH_SLOTS)
+            .unwrap_or_default();
+        // The real devices: PCI, and the disk behind the virtual disks.
+        let mut block = crate::blk::probe(&blk_slots);
+        if let Some(b) = block.as_mut() {
+            b.add_ring_slots(slots.split_off(slots.len().saturating_sub(8)));
+        }
         // The toolstack: create the DomUs described by configuration modules.
         let modules = crate::toolstack::map_modules(&mut module_slots);
         // Configurations marked `manual` on their module line wait for `create`.
@@ -397,6 +406,9 @@ mod guest {
             .collect();
         for d in &domus {
             store.introduce_domain(d.domid, &name_of(d));
+            if let Some(b) = block.as_mut() {
+                b.attach(&mut store, d.domid, &name_of(d), &crate::toolstack::disks_of(&name_of(d), &modules));
+            }
             match connect(d, &mut slots) {
                 Ok(b) => backends.push(b),
                 Err(e) => println!("console backend: cannot connect to {}: {e}", name_of(d)),
@@ -446,6 +458,9 @@ mod guest {
         let start = time::now_ns();
         let mut next_check = 0;
         loop {
+            if let Some(b) = block.as_mut() {
+                b.poll(&mut store);
+            }
             for b in backends.iter_mut().filter(|b| b.connected) {
                 let console_ok = drain_console(b);
                 let store_ok = serve_store(b, &mut store);
@@ -511,6 +526,9 @@ mod guest {
                                                     {
                                                         store
                                                             .introduce_domain(d.domid, &name_of(d));
+                                                        if let Some(b) = block.as_mut() {
+                                                            b.attach(&mut store, d.domid, &name_of(d), &crate::toolstack::disks_of(&name_of(d), &modules));
+                                                        }
                                                         match connect(d, &mut slots) {
                                                     Ok(b) => {
                                                         router.add_domu(b.id, &b.name);
@@ -637,6 +655,9 @@ mod guest {
                             backends.iter_mut().find(|b| b.id == d.domid && b.connected)
                         {
                             drain_console(b);
+                            if let Some(blk) = block.as_mut() {
+                                blk.domain_ended(d.domid);
+                            }
                             disconnect(b, &mut slots, "domain ended");
                             store.release_domain(d.domid);
                             if let Some(Action::Switched(None)) = router.remove_domu(d.domid) {
@@ -660,6 +681,9 @@ mod guest {
                         println!(
                             "VIRQ_CONSOLE: DomUs wrote to microhv's debug console {n_dbg} times"
                         );
+                    }
+                    if let Some(b) = block.as_ref() {
+                        println!("{}", b.summary());
                     }
                     println!("all DomUs have ended:");
                     let domus: Vec<&DomainInfo> =

@@ -186,6 +186,17 @@ impl MachineMemory for ForeignMemory {
 
 /// Creates and starts the domain that `cfg_module` describes. On any error
 /// nothing is left behind, and the message names the file.
+/// The virtual disks the configuration module that creates `name` lists.
+pub fn disks_of(name: &str, modules: &[Module]) -> Vec<config::Disk> {
+    modules
+        .iter()
+        .filter(|m| m.file.ends_with(".toml"))
+        .filter_map(|m| config::parse(&m.file, core::str::from_utf8(m.bytes).ok()?).ok())
+        .find(|c| c.name == name)
+        .map(|c| c.disks)
+        .unwrap_or_default()
+}
+
 pub fn create(cfg_module: &Module, modules: &[Module], scratch: &[u64]) -> Result<DomId, String> {
     let text = core::str::from_utf8(cfg_module.bytes)
         .map_err(|_| format!("{}: not UTF-8 text", cfg_module.file))?;

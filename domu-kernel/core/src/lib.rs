@@ -122,3 +122,67 @@ mod tests {
         assert_eq!(ms_parts(12_345_678), (12, 345));
     }
 }
+
+/// The demo's disk layout: a header in sector 0 of the virtual disk, then
+/// [`DISK_DATA_SECTORS`] sectors of data written by run `run`.
+pub mod disk {
+    /// "MHVDISK1".
+    pub const MAGIC: [u8; 8] = *b"MHVDISK1";
+    /// Data starts one page in.
+    pub const DATA_SECTOR: u64 = 8;
+    /// 1 MiB of data per run.
+    pub const DISK_DATA_SECTORS: u64 = 2048;
+
+    /// The header: magic, owner name (NUL-padded, 32 bytes), run counter.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Header {
+        pub name: [u8; 32],
+        pub run: u64,
+    }
+
+    impl Header {
+        pub fn new(name: &str, run: u64) -> Header {
+            let mut n = [0u8; 32];
+            let k = name.len().min(32);
+            n[..k].copy_from_slice(&name.as_bytes()[..k]);
+            Header { name: n, run }
+        }
+        pub fn encode(&self) -> [u8; 48] {
+            let mut b = [0u8; 48];
+            b[..8].copy_from_slice(&MAGIC);
+            b[8..40].copy_from_slice(&self.name);
+            b[40..48].copy_from_slice(&self.run.to_le_bytes());
+            b
+        }
+        pub fn decode(b: &[u8]) -> Option<Header> {
+            if b.len() < 48 || b[..8] != MAGIC {
+                return None;
+            }
+            Some(Header { name: b[8..40].try_into().ok()?, run: u64::from_le_bytes(b[40..48].try_into().ok()?) })
+        }
+        pub fn is_for(&self, name: &str) -> bool {
+            *self == Header::new(name, self.run)
+        }
+    }
+
+    /// The `i`-th u64 of the data area written by `name`'s run `run`.
+    pub fn word(name: &str, run: u64, i: u64) -> u64 {
+        super::pattern(name, run << 20 | i / 512, i % 512)
+    }
+}
+
+#[cfg(test)]
+mod disk_tests {
+    use super::disk::*;
+
+    #[test]
+    fn header_round_trips_and_patterns_differ_per_name_and_run() {
+        let h = Header::new("domu1", 7);
+        assert_eq!(Header::decode(&h.encode()), Some(h.clone()));
+        assert!(h.is_for("domu1") && !h.is_for("domu2"));
+        assert_eq!(Header::decode(&[0u8; 48]), None);
+        assert_ne!(word("domu1", 1, 5), word("domu2", 1, 5));
+        assert_ne!(word("domu1", 1, 5), word("domu1", 2, 5));
+        assert_ne!(word("domu1", 1, 5), word("domu1", 1, 6));
+    }
+}

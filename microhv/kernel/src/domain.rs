@@ -393,7 +393,8 @@ fn create(hv: &mut Hv, id: DomId, file: &[u8], args: &str, privileged: bool) -> 
     let c = Cmdline(args);
     let name = c.get("name").unwrap_or(if privileged { "dom0" } else { "domu" }).to_string();
     let nr_pages = c.get("mem").and_then(parse_pages).unwrap_or(if privileged { 4096 } else { 2048 });
-    let max_pages = c.get("max").and_then(parse_pages).unwrap_or(nr_pages + 16).max(nr_pages);
+    // Dom0 gets 1 MiB of headroom for its DMA pool (`dma_populate`).
+    let max_pages = c.get("max").and_then(parse_pages).unwrap_or(nr_pages + if privileged { 256 } else { 16 }).max(nr_pages);
     let weight = c.get("weight").and_then(|w| w.parse::<u16>().ok()).unwrap_or(DEFAULT_WEIGHT);
     let image = builder::parse_pv_image(file).map_err(|e| alloc::format!("{name}: {e}"))?;
     let idx = alloc_domain(hv, id, &name, nr_pages, max_pages, weight, privileged)?;

@@ -19,6 +19,7 @@
 
 extern crate alloc;
 
+pub mod blkfront;
 pub mod console;
 pub mod events;
 pub mod hypercall;
