@@ -105,7 +105,13 @@ impl BlkFront {
         self.page.write(off, data);
     }
 
-    /// Sends the ring's event to the backend.
+    /// Sends the event to the backend, touching nothing in the ring.
+    pub fn notify(&self) {
+        // SAFETY: no pointer arguments.
+        let _ = unsafe { hc::evtchn_send(u64::from(self.port)) };
+    }
+
+    /// Publishes pushed requests and sends the event if the backend wants it.
     pub fn kick(&mut self) {
         if self.ring.push_requests_and_check_notify(&mut self.page) {
             // SAFETY: no pointer arguments.

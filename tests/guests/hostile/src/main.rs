@@ -97,11 +97,142 @@ mod guest {
                 // Sleeps forever, in short naps, until Dom0 destroys it.
                 microhv_guest::time::sleep_ns(5_000_000);
             },
+            "blk" => blk(si),
             "grant-owner" => grant_owner(peer(si)),
             "grant-user" => grant_user(peer(si)),
             other => println!("unknown attack '{other}'"),
         }
         finish(attack)
+    }
+
+    /// Attacks Dom0's block backend through our own virtual disk: forged
+    /// grants, sectors outside the disk, too many segments, a garbage-filled
+    /// ring. Each must get an error response (the test checks the disk image
+    /// for bytes changed outside our region), then a garbage index ends our
+    /// connection, and Dom0 must go on serving the other DomU.
+    fn blk(_si: &StartInfo) {
+        use microhv_guest::blkfront::BlkFront;
+        use microhv_guest::shared_abi::blkif::*;
+        let mut d = match BlkFront::connect(0) {
+            Ok(d) => d,
+            Err(e) => {
+                println!("blk: cannot connect: {e}");
+                FAILURES.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+        };
+        let end = d.sectors();
+        // Our own page, written with a marker, granted properly: a valid
+        // write of it must work (so the errors below are the checks' doing).
+        let layout = core::alloc::Layout::from_size_align(4096, 4096).unwrap();
+        // SAFETY: non-zero size; never freed.
+        let page = unsafe { core::slice::from_raw_parts_mut(alloc::alloc::alloc_zeroed(layout), 4096) };
+        page.fill(0x4b);
+        check_ok("blk: a valid write of our page to our sector 0", d.write(0, page).map(|_| 0));
+        let mfn = mm::translate(page.as_ptr() as u64).unwrap_or(0);
+        // SAFETY: (hypercalls) no pointer arguments.
+        let gref = unsafe { hc::grant_access(DomId(0), Mfn(mfn), 1) }.unwrap_or(0) as u32;
+        let mut status_of = |what: &str, req: BlkRequest, want: i16| {
+            let r = d.push_raw(&req).and_then(|_| d.wait(req.id));
+            let got = r.map(|r| r.status);
+            CHECKS.fetch_add(1, Ordering::SeqCst);
+            let ok = got == Ok(want);
+            if !ok {
+                FAILURES.fetch_add(1, Ordering::SeqCst);
+            }
+            println!("check blk: {what}: got status {got:?}, want {want} -> {}", if ok { "ok" } else { "FAIL" });
+        };
+        let seg = |gref: u32, first: u8, last: u8| BlkSegment { gref, first_sect: first, last_sect: last, _pad: 0 };
+        let req = |op: u8, id: u64, sector: u64, segs: &[BlkSegment]| {
+            let mut r = BlkRequest { op, id: 1000 + id, sector, nr_segments: segs.len() as u8, ..Default::default() };
+            r.seg[..segs.len()].copy_from_slice(segs);
+            r
+        };
+        // Forged grant references: numbers we never issued. (A number that
+        // is valid in another domain's table names nothing of theirs here:
+        // Dom0 looks every reference up in *our* table.)
+        for (i, g) in [0x7777u32, 200, 4095, u32::MAX].into_iter().enumerate() {
+            status_of(&alloc::format!("write with forged grant {g}"), req(BLK_OP_WRITE, i as u64, 0, &[seg(g, 0, 7)]), BLK_RSP_ERROR);
+            status_of(&alloc::format!("read into forged grant {g}"), req(BLK_OP_READ, 10 + i as u64, 0, &[seg(g, 0, 7)]), BLK_RSP_ERROR);
+        }
+        // A page that is not ours cannot even be granted.
+        // SAFETY: no pointer arguments.
+        check("blk: grant another domain's frame to dom0", unsafe { hc::grant_access(DomId(0), Mfn(0x100), 0) }, Errno::EPERM);
+        // Outside the virtual disk.
+        status_of("write at the sector past the end", req(BLK_OP_WRITE, 20, end, &[seg(gref, 0, 0)]), BLK_RSP_ERROR);
+        status_of("write straddling the end", req(BLK_OP_WRITE, 21, end - 1, &[seg(gref, 0, 1)]), BLK_RSP_ERROR);
+        status_of("write at sector 2^64-1 (wraps)", req(BLK_OP_WRITE, 22, u64::MAX, &[seg(gref, 0, 0)]), BLK_RSP_ERROR);
+        status_of("read far outside", req(BLK_OP_READ, 23, 1 << 40, &[seg(gref, 0, 7)]), BLK_RSP_ERROR);
+        // Too many pages, malformed segments.
+        let mut many = req(BLK_OP_WRITE, 30, 0, &[seg(gref, 0, 7); BLK_MAX_SEGMENTS]);
+        many.nr_segments = BLK_MAX_SEGMENTS as u8 + 1;
+        status_of("write of 9 segments", many, BLK_RSP_ERROR);
+        many.nr_segments = 255;
+        many.id = 1031;
+        status_of("write of 255 segments", many, BLK_RSP_ERROR);
+        status_of("segment with last sector 9", req(BLK_OP_WRITE, 32, 0, &[seg(gref, 0, 9)]), BLK_RSP_ERROR);
+        status_of("unknown operation 99", req(99, 33, 0, &[seg(gref, 0, 7)]), BLK_RSP_EOPNOTSUPP);
+        // Garbage requests: every slot of the ring filled with noise.
+        let mut x: u64 = 0x1234_5678_9abc_def1;
+        let mut answered = 0;
+        let mut wrong_ok = 0;
+        for k in 0..64u64 {
+            let mut bytes = [0u8; core::mem::size_of::<BlkRequest>()];
+            for b in bytes.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+            let mut r: BlkRequest = zerocopy_read(&bytes);
+            r.id = 5000 + k;
+            // Keep the op plausible half of the time, so the other checks run.
+            if k % 2 == 0 {
+                r.op = (k % 4) as u8 / 2;
+            }
+            if d.push_raw(&r).is_err() {
+                break;
+            }
+            match d.wait(r.id) {
+                Ok(rsp) => {
+                    answered += 1;
+                    if rsp.status == BLK_RSP_OKAY {
+                        wrong_ok += 1;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        check_ok(&alloc::format!("blk: 64 garbage requests answered ({answered}), none succeeded ({wrong_ok})"), if answered == 64 && wrong_ok == 0 { Ok(0) } else { Err(Errno::EIO) });
+        // Finally an impossible producer index: Dom0 must drop the ring.
+        d.scribble(0, &0x00ff_ff00u32.to_le_bytes());
+        d.notify();
+        microhv_guest::time::sleep_ns(200_000_000);
+        println!("blk: wrote an impossible request index; Dom0 should have disconnected us");
+    }
+
+    fn zerocopy_read(bytes: &[u8]) -> microhv_guest::shared_abi::blkif::BlkRequest {
+        let mut r = microhv_guest::shared_abi::blkif::BlkRequest::default();
+        // Field by field from the bytes: op, nr_segments, id, sector, segments.
+        r.op = bytes[0];
+        r.nr_segments = bytes[1];
+        r.sector = u64::from_le_bytes(bytes[16..24].try_into().unwrap_or([0; 8]));
+        for (i, s) in r.seg.iter_mut().enumerate() {
+            let o = 24 + i * 8;
+            s.gref = u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap_or([0; 4]));
+            s.first_sect = bytes[o + 4];
+            s.last_sect = bytes[o + 5];
+        }
+        r
+    }
+
+    fn check_ok(what: &str, got: Result<u64, Errno>) {
+        CHECKS.fetch_add(1, Ordering::SeqCst);
+        let ok = got.is_ok();
+        if !ok {
+            FAILURES.fetch_add(1, Ordering::SeqCst);
+        }
+        println!("check {what}: got {got:?}, want success -> {}", if ok { "ok" } else { "FAIL" });
     }
 
     fn peer(si: &StartInfo) -> DomId {
