@@ -1,7 +1,7 @@
 //! The PV block frontend: a DomU's virtual disk, served by Dom0's backend
 //! over a granted ring (protocol in `shared_abi::blkif`).
 //!
-//! ```ignore
+//! ```text
 //! let mut disk = BlkFront::connect(0)?;          // store handshake
 //! disk.write(0, &page_aligned_buf)?;               // whole sectors
 //! disk.flush()?;

@@ -491,6 +491,9 @@ mod guest {
             FAILURES.fetch_add(1, Ordering::SeqCst);
         }
         println!("check map {tried} frames of other domains, microhv and beyond RAM: {mapped} mapped -> {}", if mapped == 0 { "ok" } else { "FAIL" });
+        // Device memory (the PCI hole, the I/O APIC) is Dom0's alone.
+        check("map device memory at 0xfebf0000 (PCI hole)", map(0xfebf0, PTE_PRESENT | PTE_RW), Errno::EINVAL);
+        check("map the I/O APIC page", map(0xfec00, PTE_PRESENT | PTE_RW), Errno::EINVAL);
         check("map our own L4 writable", map(si.pt_base_mfn, PTE_PRESENT | PTE_RW), Errno::EACCES);
         let l4_slot511 = (si.pt_base_mfn << 12) + 511 * 8;
         check(
@@ -662,6 +665,10 @@ mod guest {
         check("domctl_unmap from a DomU", unsafe { hc::domctl_unmap(DomId(1), Mfn(0x1000), GuestVa(0x40_0000)) }, Errno::EPERM);
         let st = DomainStart::default();
         check("domctl_start from a DomU", unsafe { hc::domctl_start(DomId(1), GuestVa(&st as *const _ as u64)) }, Errno::EPERM);
+        // Device access is Dom0's: DMA memory and interrupt lines.
+        check("dma_populate from a DomU", unsafe { hc::dma_populate(1) }, Errno::EPERM);
+        check("irq_bind of line 10 from a DomU", unsafe { hc::irq_bind(10) }, Errno::EPERM);
+        check("irq_eoi of line 10 from a DomU", unsafe { hc::irq_eoi(10) }, Errno::EPERM);
         let mut stats = HvStats::default();
         check("domctl_stats from a DomU", unsafe { hc::domctl_stats(GuestVa(&mut stats as *mut _ as u64)) }, Errno::EPERM);
         check("version with an unknown command", unsafe { hc::version(77) }, Errno::EINVAL);
