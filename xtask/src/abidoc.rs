@@ -6,7 +6,8 @@
 
 use crate::project_root;
 use anyhow::{bail, Context, Result};
-use shared_abi::hypercall::{self, HvStats, DomainChannels, DomainCreate, DomainStart, ModuleInfo, DomainInfo, EvtchnStatus, GrantCopy, IretFrame, MemoryInfo, MmuUpdate, TrapInfo, TABLE};
+use shared_abi::blkif::{BlkRequest, BlkResponse, BlkSegment};
+use shared_abi::hypercall::{self, HvStats, DomainCounters, DomainChannels, DomainCreate, DomainStart, ModuleInfo, DomainInfo, EvtchnStatus, GrantCopy, IretFrame, MemoryInfo, MmuUpdate, TrapInfo, TABLE};
 use shared_abi::note::{PvNote, NOTE_NAME, NOTE_TYPE_PV};
 use shared_abi::shared_info::{SharedInfo, VcpuInfo, VcpuTime, EVTCHN_PORTS, MAX_VCPUS};
 use shared_abi::start_info::{StartInfo, CMDLINE_LEN, NAME_LEN};
@@ -208,6 +209,40 @@ fn layouts() -> Vec<Layout> {
             orphan_frames: u32,
             _pad: u32,
         }),
+        layout!(DomainCounters at "hypercall", "The `domain_counters` result." {
+            hypercalls: u64,
+            entries: u64,
+            exceptions_bounced: u64,
+            upcalls: u64,
+            interrupts: u64,
+            cr3_loads: u64,
+            switches_in: u64,
+            hv_ns: u64,
+            vm_exits: u64,
+            pt_updates: u64,
+            _reserved: [u64; 6],
+        }),
+        layout!(BlkSegment at "blkif", "One page of a block request." {
+            gref: u32,
+            first_sect: u8,
+            last_sect: u8,
+            _pad: u16,
+        }),
+        layout!(BlkRequest at "blkif", "A request on the block ring." {
+            op: u8,
+            nr_segments: u8,
+            _pad: [u8; 6],
+            id: u64,
+            sector: u64,
+            seg: [BlkSegment; 8],
+        }),
+        layout!(BlkResponse at "blkif", "The answer to one block request." {
+            id: u64,
+            op: u8,
+            _pad: u8,
+            status: i16,
+            _pad2: u32,
+        }),
         layout!(EvtchnStatus at "hypercall", "The `evtchn_status` result." {
             state: u32,
             remote_dom: u16,
@@ -268,6 +303,16 @@ fn constants() -> Vec<(&'static str, Vec<Konst>)> {
                 hypercall::FEATURE_ONESHOT_TIMER, Bit, "`set_timer` one-shot timer";
                 hypercall::FEATURE_BALLOON, Bit, "`memory_populate` / `memory_release`";
                 hypercall::FEATURE_TRAP_BOUNCE, Bit, "exceptions bounced to `set_trap_table` handlers";
+            },
+        ),
+        (
+            "Block protocol (`blkif`)",
+            konsts! {
+                shared_abi::blkif::BLK_OP_READ, Dec, "read sectors into the granted pages";
+                shared_abi::blkif::BLK_OP_WRITE, Dec, "write the granted pages to the sectors";
+                shared_abi::blkif::BLK_OP_FLUSH, Dec, "make completed writes durable";
+                shared_abi::blkif::BLK_MAX_SEGMENTS, Dec, "most pages in one request";
+                shared_abi::blkif::BLK_SECTOR_SIZE, Dec, "bytes per sector";
             },
         ),
         (

@@ -3,6 +3,7 @@
 //! The `xtask` binary and the system tests in `tests/` both use it.
 
 pub mod abidoc;
+pub mod bench;
 
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Read};

@@ -53,6 +53,13 @@ enum Cmd {
     },
     /// Run every test: host unit tests and the QEMU system tests.
     Test,
+    /// Benchmarks: exact instruction and event counts per operation, with
+    /// results.json, report.md and chart.svg under target/bench/<time>/.
+    Bench {
+        /// Fewer samples per benchmark (200 instead of 1000).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Generate docs/abi.md from shared-abi.
     DocAbi {
         /// Only check that docs/abi.md is up to date; exit non-zero if not.
@@ -109,6 +116,21 @@ fn run(cli: Cli) -> Result<i32> {
             let result = run.run()?;
             println!("xtask: {} ({:.1} s, accelerator {})", result.outcome.describe(), result.wall.as_secs_f64(), accel.name());
             Ok(result.outcome.exit_code())
+        }
+        Cmd::Bench { quick } => {
+            ensure_qemu()?;
+            let images = build_images(true)?;
+            println!("xtask: bench: PV flavour under QEMU TCG with -icount (figures are instruction counts, exact and repeatable)");
+            println!("xtask: bench: running the benchmark guest ({} samples per benchmark)...", if quick { 200 } else { 1000 });
+            let (report, _serial) = xtask::bench::run_pv_qemu(&images, quick)?;
+            print!("{}", xtask::bench::table(&report));
+            let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let dir = project_root().join("target").join("bench").join(xtask::bench::timestamp(unix));
+            for f in xtask::bench::write_files(&dir, &report)? {
+                println!("xtask: wrote {}", f.display());
+            }
+            println!("xtask: HVM and PVHVM flavours need VT-x (Bochs); not part of this run yet");
+            Ok(0)
         }
         Cmd::DocAbi { check } => {
             if check {

@@ -11,6 +11,9 @@ fn main() {
 }
 
 #[cfg(target_os = "none")]
+mod bench;
+
+#[cfg(target_os = "none")]
 mod guest {
     extern crate alloc;
     use core::sync::atomic::{AtomicU64, Ordering};
@@ -43,6 +46,14 @@ mod guest {
         // Wait until Dom0's store answers: its start-up work (building the other
         // DomUs, connecting backends) is then over and does not skew the timings.
         let _ = microhv_guest::store::read(&alloc::format!("{}/name", microhv_guest::store::home()));
+        if si.cmdline().split_ascii_whitespace().any(|w| w == "bench") {
+            // The spare slot below the balloon pages, unmapped: the benchmarks
+            // rewrite its page-table entry and fault on it.
+            let spare = si.virt_base + (si.nr_pages - BALLOON_PAGES - 1) * mm::PAGE;
+            let _ = mm::unmap(spare);
+            crate::bench::run(si, spare);
+            microhv_guest::shutdown(SHUTDOWN_POWEROFF);
+        }
         timers(si);
         balloon(si);
         pingpong::run(si);

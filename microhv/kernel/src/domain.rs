@@ -87,6 +87,8 @@ pub struct Domain {
     pub weight: u16,
     /// DomUs: the console and store pages and ports offered to Dom0.
     pub channels: Option<shared_abi::hypercall::DomainChannels>,
+    /// What microhv did for this domain (`domain_counters`).
+    pub counters: shared_abi::hypercall::DomainCounters,
 }
 
 pub struct Hv {
@@ -107,6 +109,9 @@ pub struct Hv {
     pub device_frames: Vec<(u64, u64)>,
     /// Device interrupts delivered to Dom0 so far.
     pub irq_count: u64,
+    /// The domain whose entry microhv is handling, and when it entered
+    /// (for `DomainCounters::hv_ns`; cleared when the CPU idles).
+    pub entered: Option<(usize, u64)>,
 }
 
 pub static HV: Mutex<Option<Hv>> = Mutex::new(None);
@@ -289,6 +294,7 @@ pub fn alloc_domain(
         weight,
         channels: None,
         p2m: frames,
+        counters: Default::default(),
     };
     let _ = hv.evtchn.add_domain(id, DEFAULT_MAX_PORTS);
     let _ = hv.grants.add_domain(id, DEFAULT_MAX_GRANTS);
@@ -499,6 +505,7 @@ pub fn start(modules: &[(&'static [u8], String)], hv_l4_entry: u64, device_frame
         next_domid: 1,
         device_frames,
         irq_count: 0,
+        entered: None,
     };
     let mut failed = 0;
     let free_at_start = mm::free_frames();
@@ -565,6 +572,15 @@ pub fn guest_entry(frame: &mut TrapFrame) {
         let cur = hv.current.expect("guest entry with no current vCPU");
         hv.domains[cur].vcpu.regs = *frame;
         let vector = frame.vector;
+        hv.entered = Some((cur, now));
+        let c = &mut hv.domains[cur].counters;
+        c.entries += 1;
+        c.cr3_loads += 1;
+        if vector == shared_abi::HYPERCALL_VECTOR as u64 {
+            c.hypercalls += 1;
+        } else if vector >= 32 {
+            c.interrupts += 1;
+        }
         match vector {
             v if v == shared_abi::HYPERCALL_VECTOR as u64 => {
                 force = crate::hypercall::handle(hv, cur);
@@ -616,6 +632,7 @@ fn guest_exception(hv: &mut Hv, cur: usize, frame: &TrapFrame) -> bool {
         kill(hv, cur, alloc::format!("{what}, and its handler could not be entered: {e}"));
         return true;
     }
+    hv.domains[cur].counters.exceptions_bounced += 1;
     false
 }
 
@@ -901,6 +918,7 @@ pub fn schedule(frame: &mut TrapFrame, force: bool) {
                         continue;
                     };
                     hv.current = None;
+                    hv.entered = None;
                     drop(g);
                     apic::arm_oneshot(until.saturating_sub(now).max(1000));
                     // Idle: wait for the timer with interrupts on, then look again.
@@ -917,6 +935,7 @@ pub fn schedule(frame: &mut TrapFrame, force: bool) {
         if hv.current != Some(n) {
             hv.current = Some(n);
             hv.ran_since = now;
+            hv.domains[n].counters.switches_in += 1;
         }
         // Deliver a due event upcall before returning to the guest.
         let d = &hv.domains[n];
@@ -926,6 +945,7 @@ pub fn schedule(frame: &mut TrapFrame, force: bool) {
                 kill(hv, n, alloc::format!("event upcall could not be delivered: {e}"));
                 continue;
             }
+            hv.domains[n].counters.upcalls += 1;
         }
         let d = &hv.domains[n];
         *frame = d.vcpu.regs;
@@ -937,6 +957,10 @@ pub fn schedule(frame: &mut TrapFrame, force: bool) {
             .flatten()
             .fold(hv.slice_end, u64::min);
         apic::arm_oneshot(deadline.saturating_sub(now).max(1000));
+        hv.domains[n].counters.cr3_loads += 1;
+        if let Some((i, t)) = hv.entered.take() {
+            hv.domains[i].counters.hv_ns += time::nanos_since_boot().saturating_sub(t);
+        }
         return;
     }
 }

@@ -463,6 +463,23 @@ fn dispatch(hv: &mut Hv, cur: usize, call: Call) -> Outcome {
             Ret(write_guest(hv, cur, out, &b).map(|_| 0))
         }
         Call::DmaPopulate { count } => Ret(dma_populate(hv, cur, count)),
+        Call::DomainCountersGet { domid, out } => {
+            let me = &hv.domains[cur];
+            if domid != me.id && !me.privileged {
+                return Ret(Err(Errno::EPERM));
+            }
+            // The newest domain with that id (ended ones keep their counts).
+            let Some(t) = hv.domains.iter().rposition(|d| d.id == domid) else {
+                return Ret(Err(Errno::ESRCH));
+            };
+            let c = hv.domains[t].counters;
+            let mut b = [0u8; 128];
+            let words = [c.hypercalls, c.entries, c.exceptions_bounced, c.upcalls, c.interrupts, c.cr3_loads, c.switches_in, c.hv_ns, c.vm_exits, c.pt_updates];
+            for (i, w) in words.iter().enumerate() {
+                b[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+            }
+            Ret(write_guest(hv, cur, out, &b).map(|_| 0))
+        }
         Call::IrqBind { irq } => {
             if !crate::irq::bindable(irq) {
                 return Ret(Err(Errno::EINVAL));
@@ -616,6 +633,7 @@ fn mmu_update(hv: &mut Hv, cur: usize, reqs: GuestVa, count: u64, done: GuestVa)
         }
         applied += 1;
     }
+    hv.domains[cur].counters.pt_updates += applied;
     // Unhooking a table may have dropped grant mappings.
     domain::settle_grants(hv);
     if done.0 != 0 {

@@ -1,0 +1,49 @@
+//! The benchmark plumbing (not the timings): microhv's counters count
+//! exactly what each benchmark does, and two runs give the same counts.
+
+use xtask::bench::{run_pv_qemu, Bench};
+
+fn find<'a>(b: &'a [Bench], name: &str) -> &'a Bench {
+    b.iter().find(|x| x.name == name).unwrap_or_else(|| panic!("no benchmark {name}"))
+}
+
+fn ev(b: &Bench, e: &str) -> u64 {
+    *b.events.get(e).unwrap_or_else(|| panic!("{} has no {e} count", b.name))
+}
+
+#[test]
+fn counters_count_exactly_and_repeat_across_runs() {
+    let images = xtask::images_for_tests();
+    let (first, serial) = run_pv_qemu(&images, true).expect("benchmark run");
+    let b = &first.benches;
+    assert!(b.len() >= 10, "{serial}");
+    // One hypercall adds exactly one to the hypercall counter, one entry, and
+    // two CR3 loads (into microhv's tables and back).
+    let null = find(b, "null_hypercall");
+    assert_eq!(null.ops, 200);
+    assert_eq!(null.samples.len(), 200);
+    assert_eq!((ev(null, "hypercalls"), ev(null, "entries"), ev(null, "cr3_loads")), (200, 200, 400));
+    assert_eq!(ev(null, "exceptions"), 0);
+    // No hypercall at all to read the time.
+    assert_eq!(ev(find(b, "read_time"), "hypercalls"), 0);
+    // mmu_update: one entry per call, then sixteen.
+    assert_eq!(ev(find(b, "pt_update"), "pt_updates"), 200);
+    assert_eq!(ev(find(b, "pt_update_batch16"), "pt_updates"), 16 * 200);
+    assert_eq!(ev(find(b, "pt_update_batch16"), "hypercalls"), 200);
+    // Each fault is bounced once and returns with one `iret` hypercall.
+    let pf = find(b, "page_fault");
+    assert_eq!((ev(pf, "exceptions"), ev(pf, "hypercalls")), (200, 200));
+    // Each loopback event is one send and one upcall.
+    let evt = find(b, "event_send_to_upcall");
+    assert_eq!(ev(evt, "upcalls"), 200);
+    assert_eq!(first.hypervisor_image_kib.map(|k| k > 0), Some(true));
+
+    // Again: the counts of the CPU-only benchmarks are the same.
+    let (second, _) = run_pv_qemu(&images, true).expect("second benchmark run");
+    for name in ["null_hypercall", "set_timer", "read_time", "cpuid", "pt_update", "pt_update_batch16", "page_fault", "event_send_to_upcall"] {
+        let (a, c) = (find(&first.benches, name), find(&second.benches, name));
+        for e in ["hypercalls", "entries", "exceptions", "upcalls", "cr3_loads", "pt_updates"] {
+            assert_eq!(ev(a, e), ev(c, e), "{name}: {e} differs between two runs");
+        }
+    }
+}

@@ -1,0 +1,415 @@
+//! `cargo xtask bench`: runs the benchmark guest, turns what it prints into
+//! statistics, and writes `results.json`, `report.md` and `chart.svg`.
+//!
+//! Everything measured here is a count. Under QEMU with `-icount shift=0`
+//! guest time advances one nanosecond per instruction executed, so a
+//! "nanosecond" figure is an instruction count of the whole machine (guest
+//! and microhv), and it is the same on every run. The events (hypercalls,
+//! entries, CR3 loads...) are counted by microhv itself.
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// Percentiles of one benchmark's samples (nearest rank).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    pub n: usize,
+    pub min: u64,
+    pub p5: u64,
+    pub median: u64,
+    pub p95: u64,
+    pub p99: u64,
+    pub max: u64,
+}
+
+/// Nearest-rank percentile `p` (0..=100) of sorted `v`.
+fn pct(v: &[u64], p: u64) -> u64 {
+    let rank = ((p as usize * v.len()).div_ceil(100)).clamp(1, v.len());
+    v[rank - 1]
+}
+
+pub fn stats(samples: &[u64]) -> Option<Stats> {
+    if samples.is_empty() {
+        return None;
+    }
+    let mut v = samples.to_vec();
+    v.sort_unstable();
+    Some(Stats { n: v.len(), min: v[0], p5: pct(&v, 5), median: pct(&v, 50), p95: pct(&v, 95), p99: pct(&v, 99), max: v[v.len() - 1] })
+}
+
+/// One benchmark of one flavour, as the guest reported it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Bench {
+    pub name: String,
+    pub flavour: String,
+    pub where_: String,
+    pub samples: Vec<u64>,
+    pub stats: Option<Stats>,
+    /// Operations the event counts cover.
+    pub ops: u64,
+    /// Event totals over `ops` operations.
+    pub events: BTreeMap<String, u64>,
+}
+
+impl Bench {
+    /// Events per operation, to one decimal place's worth of precision.
+    pub fn per_op(&self, event: &str) -> Option<f64> {
+        let v = *self.events.get(event)?;
+        (self.ops > 0).then(|| v as f64 / self.ops as f64)
+    }
+}
+
+/// Reads the `BENCH-*` lines of one run (lines may carry a `[name] ` prefix).
+pub fn parse(serial: &str, flavour: &str, where_: &str) -> Result<Vec<Bench>> {
+    let mut out: Vec<Bench> = Vec::new();
+    let mut done = None;
+    for line in serial.lines() {
+        let line = match line.find("BENCH-") {
+            Some(i) => &line[i..],
+            None => continue,
+        };
+        let mut words = line.split_ascii_whitespace();
+        let kind = words.next().unwrap_or("");
+        if kind == "BENCH-DONE" {
+            done = words.next().and_then(|w| w.parse::<usize>().ok());
+            continue;
+        }
+        let name = words.next().context("BENCH line without a name")?.to_string();
+        let idx = match out.iter().position(|b| b.name == name) {
+            Some(i) => i,
+            None => {
+                out.push(Bench { name: name.clone(), flavour: flavour.into(), where_: where_.into(), samples: Vec::new(), stats: None, ops: 0, events: BTreeMap::new() });
+                out.len() - 1
+            }
+        };
+        let b = &mut out[idx];
+        match kind {
+            "BENCH-SAMPLES" => {
+                for s in words.next().unwrap_or("").split(',').filter(|s| !s.is_empty()) {
+                    b.samples.push(s.parse().with_context(|| format!("bad sample {s:?} in {name}"))?);
+                }
+            }
+            "BENCH-EVENTS" => {
+                for kv in words {
+                    let (k, v) = kv.split_once('=').with_context(|| format!("bad event {kv:?} in {name}"))?;
+                    let v: u64 = v.parse().with_context(|| format!("bad count {kv:?} in {name}"))?;
+                    if k == "ops" {
+                        b.ops = v;
+                    } else {
+                        b.events.insert(k.to_string(), v);
+                    }
+                }
+            }
+            other => bail!("unknown line kind {other}"),
+        }
+    }
+    let Some(done) = done else { bail!("the benchmark guest did not finish (no BENCH-DONE line)") };
+    if done != out.len() {
+        bail!("the guest reported {done} benchmarks but printed {}", out.len());
+    }
+    for b in &mut out {
+        if b.samples.len() as u64 != b.ops {
+            bail!("{}: {} samples for {} operations (a line was cut or lost)", b.name, b.samples.len(), b.ops);
+        }
+        b.stats = stats(&b.samples);
+    }
+    Ok(out)
+}
+
+/// What the whole run was and where.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub schema: u32,
+    pub commit: String,
+    pub emulator: String,
+    pub cpu_model: String,
+    pub unit: String,
+    pub quick: bool,
+    pub hypervisor_image_kib: Option<u64>,
+    pub benches: Vec<Bench>,
+}
+
+/// The schema version of `results.json`.
+pub const SCHEMA: u32 = 1;
+
+/// A design target for one figure, shown next to the measured value.
+pub struct Target {
+    pub what: &'static str,
+    pub measured: Option<f64>,
+    pub limit: f64,
+    pub unit: &'static str,
+}
+
+pub fn targets(r: &Report) -> Vec<Target> {
+    let find = |n: &str| r.benches.iter().find(|b| b.name == n);
+    let hv_per_op = |n: &str| find(n).and_then(|b| b.per_op("hv_ns"));
+    vec![
+        Target { what: "null PV hypercall: microhv instructions per round trip", measured: hv_per_op("null_hypercall"), limit: 150.0, unit: "instructions" },
+        Target { what: "event send to upcall: microhv instructions", measured: hv_per_op("event_send_to_upcall"), limit: 300.0, unit: "instructions" },
+        Target { what: "hypervisor image size", measured: r.hypervisor_image_kib.map(|k| k as f64), limit: 512.0, unit: "KiB" },
+    ]
+}
+
+const EVENT_COLUMNS: [&str; 6] = ["hypercalls", "entries", "exceptions", "upcalls", "cr3_loads", "hv_ns"];
+
+/// The terminal table.
+pub fn table(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "{:<22} {:<10} {:>9} {:>9} {:>9} {:>9}   {}", "benchmark", "flavour", "median", "p5", "p95", "p99", "per op: hypercalls entries exceptions upcalls cr3_loads hv_ns");
+    for b in &r.benches {
+        let st = b.stats.unwrap_or(Stats { n: 0, min: 0, p5: 0, median: 0, p95: 0, p99: 0, max: 0 });
+        let per: Vec<String> = EVENT_COLUMNS.iter().map(|e| b.per_op(e).map_or("-".into(), |v| format!("{v:.1}"))).collect();
+        let _ = writeln!(s, "{:<22} {:<10} {:>9} {:>9} {:>9} {:>9}   {}", b.name, b.flavour, st.median, st.p5, st.p95, st.p99, per.join(" "));
+    }
+    s
+}
+
+/// Plain-words notes on each benchmark, for the report.
+fn explain(name: &str) -> &'static str {
+    match name {
+        "null_hypercall" => "`version(0)` through `int 0x82`: the full entry path (CR3 switch to microhv's tables, register save, dispatch, CR3 back, `iretq`).",
+        "set_timer" => "arming the one-shot timer: a hypercall plus reprogramming the local APIC timer.",
+        "read_time" => "reading system time from `shared_info` and the TSC: no hypercall at all.",
+        "cpuid" => "CPUID runs natively in ring 1 for a PV guest (no CPUID faulting); under HVM it is a VM exit.",
+        "pt_update" => "one validated page-table entry write through `mmu_update`.",
+        "pt_update_batch16" => "sixteen entries in one `mmu_update`: the entry cost is shared.",
+        "page_fault" => "a #PF bounced to the guest's own handler, and its `iret` hypercall back.",
+        "timer_latency" => "from the timer deadline to the guest's event handler (includes the APIC timer's granularity).",
+        "event_send_to_upcall" => "`evtchn_send` on a loopback channel until the upcall handler runs.",
+        "console_1kib" => "1 KiB through the PV console ring (Dom0 drains it to the UART).",
+        "block_read_4k" => "one 4 KiB read through blkfront, Dom0's backend and virtio-blk. Under `-icount` with `sleep=off`, while every vCPU idles QEMU's clock jumps to the next timer, and the disk itself completes in host time: waits for it count those jumps. The p5 shows the work without one.",
+        "sched_yield" => "`sched_yield`: the scheduler's entry and exit.",
+        _ => "",
+    }
+}
+
+pub fn report_md(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# microhv benchmarks\n");
+    let _ = writeln!(s, "- commit: `{}`", r.commit);
+    let _ = writeln!(s, "- emulator: {} (CPU model `{}`)", r.emulator, r.cpu_model);
+    let _ = writeln!(s, "- unit: {}", r.unit);
+    let _ = writeln!(s, "- run: {}\n", if r.quick { "quick (`--quick`)" } else { "full" });
+    let _ = writeln!(s, "## Fidelity\n");
+    let _ = writeln!(s, "No machine here runs guests on real hardware virtualization. QEMU TCG emulates every instruction; with `-icount shift=0` its clock advances one nanosecond per instruction, so the figures below are **instruction counts**, exact and repeatable, not times on any real CPU. They show how much work each path does, not how long a real machine would take (a CR3 switch or a VM exit costs far more on hardware than its one instruction suggests). PV and HVM are only ever compared inside one emulator.\n");
+    let _ = writeln!(s, "## Results\n");
+    let _ = writeln!(s, "| benchmark | flavour | where | median | p5 | p95 | p99 | hypercalls/op | entries/op | exceptions/op | upcalls/op | CR3 loads/op | microhv instr/op |");
+    let _ = writeln!(s, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for b in &r.benches {
+        let st = b.stats.unwrap_or(Stats { n: 0, min: 0, p5: 0, median: 0, p95: 0, p99: 0, max: 0 });
+        let per: Vec<String> = EVENT_COLUMNS.iter().map(|e| b.per_op(e).map_or("-".into(), |v| format!("{v:.1}"))).collect();
+        let _ = writeln!(s, "| {} | {} | {} | {} | {} | {} | {} | {} |", b.name, b.flavour, b.where_, st.median, st.p5, st.p95, st.p99, per.join(" | "));
+    }
+    let _ = writeln!(s, "\n## Targets\n");
+    let _ = writeln!(s, "| target | measured | limit | met |");
+    let _ = writeln!(s, "|---|---:|---:|---|");
+    for t in targets(r) {
+        let m = t.measured.map_or("not measured".into(), |v| format!("{v:.0} {}", t.unit));
+        let met = t.measured.map_or("-", |v| if v <= t.limit { "yes" } else { "no" });
+        let _ = writeln!(s, "| {} | {m} | {} {} | {met} |", t.what, t.limit, t.unit);
+    }
+    let _ = writeln!(s, "\nTargets not yet measured here: HVM and PVHVM flavours (they need VT-x, i.e. the Bochs run), console through the emulated UART, the scheduler's cost with 2..64 runnable domains, per-domain hypervisor state, and 64 DomUs in 512 MiB.\n");
+    let _ = writeln!(s, "## What each benchmark does\n");
+    for b in &r.benches {
+        let _ = writeln!(s, "- **{}**: {}", b.name, explain(&b.name));
+    }
+    s
+}
+
+/// A horizontal bar chart of the medians, one bar per benchmark and
+/// flavour, on a log scale (the figures span four orders of magnitude).
+pub fn chart_svg(r: &Report) -> String {
+    let row = 22;
+    let left = 190;
+    let width = 760;
+    let bars: Vec<&Bench> = r.benches.iter().filter(|b| b.stats.is_some()).collect();
+    let height = 60 + row * bars.len();
+    let max = bars.iter().filter_map(|b| b.stats.map(|s| s.median)).max().unwrap_or(1).max(2) as f64;
+    let scale = |v: u64| ((v.max(1) as f64).ln() / max.ln() * (width - left - 90) as f64).max(1.0);
+    let colour = |f: &str| match f {
+        "PV" => "#3b6ea8",
+        "HVM" => "#c0504d",
+        _ => "#6a9a3b",
+    };
+    let mut s = String::new();
+    let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#);
+    let _ = writeln!(s, r#"<text x="10" y="20" font-size="14">microhv: median cost per operation ({}; log scale)</text>"#, xml(&r.unit));
+    for (i, b) in bars.iter().enumerate() {
+        let y = 40 + i * row;
+        let m = b.stats.map_or(0, |s| s.median);
+        let w = scale(m);
+        let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="end">{} ({})</text>"#, left - 6, y + 14, xml(&b.name), xml(&b.flavour));
+        let _ = writeln!(s, r#"<rect x="{left}" y="{y}" width="{w:.1}" height="{}" fill="{}"/>"#, row - 6, colour(&b.flavour));
+        let _ = writeln!(s, r#"<text x="{:.1}" y="{}">{m}</text>"#, left as f64 + w + 4.0, y + 14);
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn xml(t: &str) -> String {
+    t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// `YYYYmmdd-HHMMSS` (UTC) for a Unix time.
+pub fn timestamp(unix: u64) -> String {
+    let (days, secs) = (unix / 86400, unix % 86400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
+/// Writes the three files into `dir`; returns their paths.
+pub fn write_files(dir: &Path, r: &Report) -> Result<[PathBuf; 3]> {
+    std::fs::create_dir_all(dir)?;
+    let json = dir.join("results.json");
+    let md = dir.join("report.md");
+    let svg = dir.join("chart.svg");
+    std::fs::write(&json, serde_json::to_string_pretty(r)?)?;
+    std::fs::write(&md, report_md(r))?;
+    std::fs::write(&svg, chart_svg(r))?;
+    Ok([json, md, svg])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OUT: &str = "\
+[bench] bench: PV benchmarks, 3 samples each
+[bench] BENCH-SAMPLES null_hypercall 300,100,200
+[bench] BENCH-EVENTS null_hypercall ops=3 hypercalls=3 entries=3 exceptions=0 upcalls=0 interrupts=0 cr3_loads=6 switches=0 hv_ns=450 pt_updates=0
+[bench] BENCH-SAMPLES page_fault 1000,1100
+[bench] BENCH-SAMPLES page_fault 900
+[bench] BENCH-EVENTS page_fault ops=3 hypercalls=3 entries=6 exceptions=3 upcalls=0 interrupts=0 cr3_loads=12 switches=0 hv_ns=1200 pt_updates=0
+[bench] BENCH-DONE 2
+";
+
+    fn report() -> Report {
+        Report {
+            schema: SCHEMA,
+            commit: "abc".into(),
+            emulator: "QEMU TCG -icount shift=0".into(),
+            cpu_model: "qemu64".into(),
+            unit: "instructions".into(),
+            quick: true,
+            hypervisor_image_kib: Some(300),
+            benches: parse(OUT, "PV", "QEMU").unwrap(),
+        }
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<u64> = (1..=100).collect();
+        let s = stats(&v).unwrap();
+        assert_eq!((s.min, s.p5, s.median, s.p95, s.p99, s.max), (1, 5, 50, 95, 99, 100));
+        assert_eq!(stats(&[7]).unwrap().p99, 7);
+        assert_eq!(stats(&[]), None);
+    }
+
+    #[test]
+    fn parse_collects_samples_and_events_across_lines() {
+        let b = parse(OUT, "PV", "QEMU").unwrap();
+        assert_eq!(b.len(), 2);
+        assert_eq!(b[0].samples, vec![300, 100, 200]);
+        assert_eq!(b[0].stats.unwrap().median, 200);
+        assert_eq!(b[1].samples, vec![1000, 1100, 900]);
+        assert_eq!(b[1].per_op("exceptions"), Some(1.0));
+        assert_eq!(b[0].per_op("hv_ns"), Some(150.0));
+        assert!(parse("BENCH-SAMPLES x 1,2\n", "PV", "QEMU").is_err(), "a run without BENCH-DONE is an error");
+        assert!(parse("BENCH-SAMPLES x 1,zz\nBENCH-DONE 1\n", "PV", "QEMU").is_err());
+        assert!(parse("BENCH-SAMPLES x 1,2\nBENCH-EVENTS x ops=3\nBENCH-DONE 1\n", "PV", "QEMU").is_err(), "a lost sample is an error");
+    }
+
+    #[test]
+    fn results_json_has_the_documented_schema() {
+        let v: serde_json::Value = serde_json::from_str(&serde_json::to_string(&report()).unwrap()).unwrap();
+        assert_eq!(v["schema"], SCHEMA);
+        for k in ["commit", "emulator", "cpu_model", "unit", "quick", "benches"] {
+            assert!(!v[k].is_null(), "missing {k}");
+        }
+        let b = &v["benches"][0];
+        for k in ["name", "flavour", "where_", "samples", "stats", "ops", "events"] {
+            assert!(!b[k].is_null(), "missing benches[0].{k}");
+        }
+        assert_eq!(b["stats"]["median"], 200);
+        assert_eq!(b["events"]["hypercalls"], 3);
+    }
+
+    #[test]
+    fn the_chart_is_well_formed_svg() {
+        let svg = chart_svg(&report());
+        let doc = roxmltree::Document::parse(&svg).expect("valid XML");
+        let root = doc.root_element();
+        assert_eq!(root.tag_name().name(), "svg");
+        assert_eq!(root.tag_name().namespace(), Some("http://www.w3.org/2000/svg"));
+        assert_eq!(doc.descendants().filter(|n| n.has_tag_name("rect")).count(), 2);
+    }
+
+    #[test]
+    fn report_lists_targets_and_timestamps_are_utc() {
+        let md = report_md(&report());
+        assert!(md.contains("| null PV hypercall: microhv instructions per round trip | 150 instructions | 150 instructions | yes |"), "{md}");
+        assert_eq!(timestamp(0), "19700101-000000");
+        assert_eq!(timestamp(1_796_202_061), "20261202-090101");
+    }
+}
+
+/// The configuration of the benchmark domain.
+pub fn bench_config(quick: bool) -> String {
+    format!(
+        "# The benchmark guest (written by cargo xtask bench).\nname = \"bench\"\nkernel = \"domu.elf\"\nmemory = \"8M\"\ncmdline = \"bench{}\"\nkind = \"pv\"\ndisks = [\"xvda:2048:16384\"]\n",
+        if quick { " quick" } else { "" }
+    )
+}
+
+/// The size microhv printed for its own image (`memory: image a..b (N KiB`).
+pub fn image_kib(serial: &str) -> Option<u64> {
+    let l = serial.lines().find(|l| l.contains("memory: image "))?;
+    let after = &l[l.find(" (")? + 2..];
+    after.split_ascii_whitespace().next()?.parse().ok()
+}
+
+/// Boots Dom0 + the benchmark guest (PV) under QEMU TCG with `-icount`.
+pub fn run_pv_qemu(images: &crate::Images, quick: bool) -> Result<(Report, String)> {
+    std::fs::write(images.dir.join("bench.toml"), bench_config(quick))?;
+    let disk = crate::project_root().join("target").join("bench").join("disk.img");
+    crate::ensure_disk(&disk, true)?;
+    let mut run = crate::QemuRun::new(images);
+    run.modules = vec!["dom0.elf name=dom0 toolstack mem=32M".into(), "domu.elf".into(), "bench.toml".into()];
+    run.icount = true;
+    run.disk = Some(disk);
+    run.timeout = std::time::Duration::from_secs(600);
+    let r = run.run()?;
+    if r.outcome != crate::Outcome::Success {
+        bail!("the benchmark run did not end cleanly ({}):\n{}", r.outcome.describe(), r.serial);
+    }
+    let benches = parse(&r.serial, "PV", "QEMU TCG")?;
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(crate::project_root())
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let report = Report {
+        schema: SCHEMA,
+        commit,
+        emulator: "QEMU TCG, -icount shift=0 (deterministic)".into(),
+        cpu_model: "qemu64".into(),
+        unit: "instructions (icount: 1 ns of guest time = 1 instruction)".into(),
+        quick,
+        hypervisor_image_kib: image_kib(&r.serial),
+        benches,
+    };
+    Ok((report, r.serial))
+}
