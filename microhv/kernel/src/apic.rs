@@ -25,6 +25,8 @@ const CALIBRATION_MS: u64 = 50;
 
 static APIC_BASE: AtomicUsize = AtomicUsize::new(0);
 static APIC_TIMER_HZ: AtomicU64 = AtomicU64::new(0);
+/// APIC timer ticks per nanosecond, 32.32 fixed point (see `time.rs`).
+static TICKS_PER_NS_FP32: AtomicU64 = AtomicU64::new(0);
 static TICKS: AtomicU64 = AtomicU64::new(0);
 
 /// Physical base of the local APIC's registers (from IA32_APIC_BASE).
@@ -110,6 +112,7 @@ pub fn calibrate() -> Calibration {
         ((t1 - t0) * 1000 / CALIBRATION_MS, elapsed as u64 * 1000 / CALIBRATION_MS)
     };
     APIC_TIMER_HZ.store(apic, Ordering::Relaxed);
+    TICKS_PER_NS_FP32.store(((apic as u128) << 32).div_euclid(1_000_000_000) as u64, Ordering::Relaxed);
     Calibration { tsc_hz: tsc, apic_timer_hz: apic }
 }
 
@@ -123,8 +126,8 @@ pub fn start_periodic(hz: u64) {
 /// Arms a one-shot timer interrupt `delta_ns` from now (clamped to what the
 /// 32-bit counter holds).
 pub fn arm_oneshot(delta_ns: u64) {
-    let hz = APIC_TIMER_HZ.load(Ordering::Relaxed) as u128;
-    let count = ((delta_ns as u128 * hz) / 1_000_000_000).clamp(1, u32::MAX as u128) as u32;
+    let fp = TICKS_PER_NS_FP32.load(Ordering::Relaxed) as u128;
+    let count = ((delta_ns as u128 * fp) >> 32).clamp(1, u32::MAX as u128) as u32;
     write(REG_LVT_TIMER, TIMER_VECTOR as u32);
     write(REG_TIMER_INIT, count);
 }

@@ -243,10 +243,13 @@ static MODULES: Mutex<RangeSet<{ microhv_core::multiboot::MAX_MODULES }>> = Mute
 fn frame_ptr(mfn: microhv_core::machine::Mfn) -> *mut u8 {
     let addr = mfn.0 << 12;
     let managed = FRAMES.lock().as_ref().map(|a| a.managed().contains(addr)).unwrap_or(false);
-    let module = MODULES.lock().iter().any(|r| r.start & !(PAGE_SIZE - 1) <= addr && addr < r.end);
     // Only RAM that the allocator manages and the boot modules (both
     // identity-mapped) are ever touched; anything else is a bug in the caller.
-    assert!(managed || module, "machine access to unmanaged frame {:#x}", mfn.0);
+    assert!(
+        managed || MODULES.lock().iter().any(|r| r.start & !(PAGE_SIZE - 1) <= addr && addr < r.end),
+        "machine access to unmanaged frame {:#x}",
+        mfn.0
+    );
     addr as *mut u8
 }
 
