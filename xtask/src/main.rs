@@ -122,7 +122,11 @@ fn run(cli: Cli) -> Result<i32> {
             let images = build_images(true)?;
             println!("xtask: bench: PV flavour under QEMU TCG with -icount (figures are instruction counts, exact and repeatable)");
             println!("xtask: bench: running the benchmark guest ({} samples per benchmark)...", if quick { 200 } else { 1000 });
-            let (report, _serial) = xtask::bench::run_pv_qemu(&images, quick)?;
+            let (mut report, _serial) = xtask::bench::run_pv_qemu(&images, quick)?;
+            for k in if quick { vec![2, 64] } else { vec![2, 8, 32, 64] } {
+                println!("xtask: bench: scheduler with {k} runnable domains...");
+                report.benches.extend(xtask::bench::run_switch_qemu(&images, k, quick)?);
+            }
             print!("{}", xtask::bench::table(&report));
             let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
             let dir = project_root().join("target").join("bench").join(xtask::bench::timestamp(unix));

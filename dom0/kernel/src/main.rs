@@ -503,6 +503,7 @@ mod guest {
                                     println!("  console <name>       send the serial input to that DomU (Ctrl-] comes back)");
                                     println!("  stats                memory, event channels, grants and mappings in use");
                                     println!("  stress <file> <n>    create and destroy a DomU n times, then compare stats");
+                                    println!("  spawn <file> <n>     create n DomUs named <name>1..<name>n (for load tests)");
                                     println!("  quit                 end dom0 (microhv powers off when all domains ended)");
                                 }
                                 "stats" => {
@@ -555,6 +556,24 @@ mod guest {
                                             {
                                                 println!("serial input now goes to {name} (Ctrl-] switches)");
                                             }
+                                        }
+                                    }
+                                }
+                                cmd if cmd.starts_with("spawn ") => {
+                                    let mut words = cmd.split_ascii_whitespace().skip(1);
+                                    let file = words.next().unwrap_or("");
+                                    let count: u32 =
+                                        words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+                                    match (modules.iter().find(|m| m.file == file), count) {
+                                        (None, _) => println!(
+                                            "spawn: no configuration module named '{file}'"
+                                        ),
+                                        (_, 0) => {
+                                            println!("spawn: usage: spawn <file.toml> <count>")
+                                        }
+                                        (Some(m), count) => {
+                                            let n = crate::toolstack::spawn(m, &modules, &scratch, count);
+                                            println!("spawn: created {n} of {count} domains from {file} (no console or store backends)");
                                         }
                                     }
                                 }

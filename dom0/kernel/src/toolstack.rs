@@ -186,6 +186,33 @@ impl MachineMemory for ForeignMemory {
 
 /// Creates and starts the domain that `cfg_module` describes. On any error
 /// nothing is left behind, and the message names the file.
+/// Creates `count` domains from one configuration, named `<name>1`,
+/// `<name>2`, ... (the `name` line is rewritten). Returns how many started.
+pub fn spawn(m: &Module, modules: &[Module], scratch: &[u64], count: u32) -> u32 {
+    let Ok(text) = core::str::from_utf8(m.bytes) else { return 0 };
+    let Ok(cfg) = config::parse(&m.file, text) else { return 0 };
+    QUIET.store(true, core::sync::atomic::Ordering::Relaxed);
+    let mut made = 0;
+    for i in 1..=count {
+        let renamed: String = text
+            .lines()
+            .map(|l| if l.trim_start().starts_with("name") { format!("name = \"{}{i}\"\n", cfg.name) } else { format!("{l}\n") })
+            .collect();
+        // The module must live as long as the domain may be re-created.
+        let bytes: &'static [u8] = alloc::boxed::Box::leak(renamed.into_bytes().into_boxed_slice());
+        let copy = Module { name: m.name.clone(), file: m.file.clone(), bytes };
+        match create(&copy, modules, scratch) {
+            Ok(_) => made += 1,
+            Err(e) => {
+                println!("spawn: {e}");
+                break;
+            }
+        }
+    }
+    QUIET.store(false, core::sync::atomic::Ordering::Relaxed);
+    made
+}
+
 /// The virtual disks the configuration module that creates `name` lists.
 pub fn disks_of(name: &str, modules: &[Module]) -> Vec<config::Disk> {
     modules

@@ -84,8 +84,41 @@ fn skip_fault(frame: &mut traps::ExceptionFrame) {
     microhv_guest::shutdown(SHUTDOWN_CRASH);
 }
 
+/// A spinner: yields for `ms` milliseconds of system time, then ends.
+pub fn spin(ms: u64) {
+    let end = time::now_ns() + ms * 1_000_000;
+    while time::now_ns() < end {
+        // SAFETY: no pointer arguments.
+        let _ = unsafe { hc::sched_yield() };
+    }
+}
+
+/// The scheduler's cost per domain switch with `k` runnable domains (this
+/// one and `k - 1` spinners that Dom0 spawns): each sample is one trip
+/// around the run queue, divided by `k`.
+fn switches(k: u64, n: usize) {
+    // Let Dom0 spawn the spinners (they start before we measure).
+    time::sleep_ns(500_000_000);
+    let mut samples = Vec::with_capacity(n);
+    // SAFETY: (both) no pointer arguments.
+    let _ = unsafe { hc::sched_yield() };
+    let c0 = counters();
+    for _ in 0..n {
+        let t0 = time::now_ns();
+        let _ = unsafe { hc::sched_yield() };
+        samples.push((time::now_ns() - t0) / k);
+    }
+    let c1 = counters();
+    report(&format!("domain_switch_k{k}"), &samples, n as u64, &c0, &c1);
+}
+
 pub fn run(si: &StartInfo, spare_va: u64) {
     let quick = si.cmdline().split_ascii_whitespace().any(|w| w == "quick");
+    if let Some(k) = si.cmdline().split_ascii_whitespace().find_map(|w| w.strip_prefix("switch-k=")) {
+        switches(k.parse().unwrap_or(2).max(1), if quick { 200 } else { 1000 });
+        println!("BENCH-DONE 1");
+        return;
+    }
     let n = if quick { 200 } else { 1000 };
     println!("bench: PV benchmarks, {n} samples each{}", if quick { " (quick)" } else { "" });
     let mut count = 0;

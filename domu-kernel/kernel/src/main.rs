@@ -43,6 +43,12 @@ mod guest {
             si.name(), si.domid, si.nr_pages, si.nr_pages * 4, si.max_pages, heap / 1024, abi >> 16, abi & 0xffff, si.cmdline()
         );
 
+        // Load for the scheduler benchmark: yield until the time is up. No
+        // store, no console backend (Dom0 spawns these without them).
+        if let Some(ms) = si.cmdline().split_ascii_whitespace().find_map(|w| w.strip_prefix("spin-ms=")) {
+            crate::bench::spin(ms.parse().unwrap_or(1000));
+            microhv_guest::shutdown(SHUTDOWN_POWEROFF);
+        }
         // Wait until Dom0's store answers: its start-up work (building the other
         // DomUs, connecting backends) is then over and does not skew the timings.
         let _ = microhv_guest::store::read(&alloc::format!("{}/name", microhv_guest::store::home()));

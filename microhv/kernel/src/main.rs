@@ -169,6 +169,9 @@ mod start {
             println!("microhv: self-check FAILED: {e}");
             power::off(exit::FAILURE)
         }
+        if cmdline.flag("microhv.baseline") {
+            selfcheck::baseline();
+        }
         match crate::vmx::probe() {
             Ok(rev) => log::info!("VT-x: VMXON ok, VMCS revision {rev:#x}, VMCS field round trip ok (HVM domains come next)"),
             Err(why) => log::info!("VT-x: {why}"),

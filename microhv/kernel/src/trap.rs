@@ -238,6 +238,7 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
         0..=31 => crate::crash::exception(frame),
         v if v == crate::apic::TIMER_VECTOR as u64 => crate::apic::on_timer_tick(),
         v if v == crate::apic::SPURIOUS_VECTOR as u64 => {}
+        v if v == crate::selfcheck::BASELINE_VECTOR as u64 => {}
         v if crate::irq::line_of(v).is_some() => crate::irq::on_interrupt(crate::irq::line_of(v).unwrap_or(0)),
         v => {
             log::warn!("unexpected interrupt vector {v:#x}");
