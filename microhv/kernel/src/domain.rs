@@ -112,6 +112,10 @@ pub struct Hv {
     /// The domain whose entry microhv is handling, and when it entered
     /// (for `DomainCounters::hv_ns`; cleared when the CPU idles).
     pub entered: Option<(usize, u64)>,
+    /// The deadline the APIC timer was last armed for on the way out to
+    /// `current` (None while idle): before it, no timer, wake-up or slice
+    /// end can be due. See `fast_return`.
+    pub armed_deadline: Option<u64>,
 }
 
 pub static HV: Mutex<Option<Hv>> = Mutex::new(None);
@@ -506,6 +510,7 @@ pub fn start(modules: &[(&'static [u8], String)], hv_l4_entry: u64, device_frame
         device_frames,
         irq_count: 0,
         entered: None,
+        armed_deadline: None,
     };
     let mut failed = 0;
     let free_at_start = mm::free_frames();
@@ -572,6 +577,7 @@ pub fn guest_entry(frame: &mut TrapFrame) {
         let cur = hv.current.expect("guest entry with no current vCPU");
         hv.domains[cur].vcpu.regs = *frame;
         let vector = frame.vector;
+        let nr = frame.rax;
         hv.entered = Some((cur, now));
         let c = &mut hv.domains[cur].counters;
         c.entries += 1;
@@ -602,8 +608,55 @@ pub fn guest_entry(frame: &mut TrapFrame) {
             }
             _ => apic::eoi(),
         }
+        let may_skip = match vector {
+            v if v == shared_abi::HYPERCALL_VECTOR as u64 => keeps_schedule(nr),
+            0..=31 => true,
+            _ => false,
+        };
+        if !force && may_skip && fast_return(hv, cur, frame) {
+            return;
+        }
     }
     schedule(frame, force);
+}
+
+/// Hypercalls that cannot wake, block or end anyone, nor change a timer:
+/// after them the scheduler would pick the same vCPU with the same deadline.
+fn keeps_schedule(nr: u64) -> bool {
+    use shared_abi::hypercall::nr::*;
+    matches!(
+        nr,
+        VERSION | MEMORY_POPULATE | MEMORY_RELEASE | MEMORY_QUERY | MMU_UPDATE | PIN_TABLE | UNPIN_TABLE | SET_PT_BASE | INVLPG
+            | SET_TRAP_TABLE | SET_CALLBACK | STACK_SWITCH | EVTCHN_BIND_VIRQ | EVTCHN_ALLOC_UNBOUND | EVTCHN_STATUS
+            | GRANT_ACCESS | GRANT_END | GRANT_MAP | GRANT_UNMAP | GRANT_COPY | DOMCTL_LIST | DOMCTL_STATS | DOMCTL_GET_FRAMES
+            | DOMCTL_MAP | DOMCTL_UNMAP | DOMCTL_MODULES | DMA_POPULATE | DOMAIN_COUNTERS
+    )
+}
+
+/// Returns straight to the vCPU that entered, skipping the scheduler pass,
+/// when that pass could only decide the same: nothing is due before the
+/// deadline armed on the way in, no device line waits, no upcall is due,
+/// and the vCPU is still runnable. False: take the full path.
+fn fast_return(hv: &mut Hv, cur: usize, frame: &mut TrapFrame) -> bool {
+    let Some(deadline) = hv.armed_deadline else { return false };
+    let now = time::nanos_since_boot();
+    let d = &hv.domains[cur];
+    if now >= deadline
+        || crate::irq::has_pending()
+        || d.ended.is_some()
+        || d.paused
+        || d.events_need_delivery()
+        || !matches!(hv.sched.state(VcpuId(cur)), Some(microhv_core::sched::RunState::Runnable))
+    {
+        return false;
+    }
+    *frame = d.vcpu.regs;
+    trap::set_next_cr3(d.vcpu.cr3.addr());
+    hv.domains[cur].counters.cr3_loads += 1;
+    if let Some((i, t)) = hv.entered.take() {
+        hv.domains[i].counters.hv_ns += time::nanos_since_boot().saturating_sub(t);
+    }
+    true
 }
 
 /// A CPU exception raised by guest code: bounce it to the guest's handler,
@@ -919,6 +972,7 @@ pub fn schedule(frame: &mut TrapFrame, force: bool) {
                     };
                     hv.current = None;
                     hv.entered = None;
+                    hv.armed_deadline = None;
                     drop(g);
                     apic::arm_oneshot(until.saturating_sub(now).max(1000));
                     // Idle: wait for the timer with interrupts on, then look again.
@@ -957,6 +1011,7 @@ pub fn schedule(frame: &mut TrapFrame, force: bool) {
             .flatten()
             .fold(hv.slice_end, u64::min);
         apic::arm_oneshot(deadline.saturating_sub(now).max(1000));
+        hv.armed_deadline = Some(now + deadline.saturating_sub(now).max(1000));
         hv.domains[n].counters.cr3_loads += 1;
         if let Some((i, t)) = hv.entered.take() {
             hv.domains[i].counters.hv_ns += time::nanos_since_boot().saturating_sub(t);

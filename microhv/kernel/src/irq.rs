@@ -104,6 +104,11 @@ pub fn on_interrupt(line: u32) {
     PENDING.fetch_or(1 << line, Ordering::SeqCst);
 }
 
+/// Whether a line fired and waits to be delivered.
+pub fn has_pending() -> bool {
+    PENDING.load(Ordering::SeqCst) != 0
+}
+
 /// Takes the set of lines that fired since the last call.
 pub fn take_pending() -> u32 {
     PENDING.swap(0, Ordering::SeqCst)
