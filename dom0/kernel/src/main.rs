@@ -313,6 +313,22 @@ mod guest {
 
     /// Creates and destroys a DomU `count` times, then checks that every
     /// counter came back to where it started.
+    /// `<verb> <file.toml> <count>`: the configuration module and the count.
+    fn module_and_count<'a>(
+        cmd: &str,
+        modules: &'a [crate::toolstack::Module],
+    ) -> Result<(&'a crate::toolstack::Module, u32), String> {
+        let mut words = cmd.split_ascii_whitespace();
+        let verb = words.next().unwrap_or("");
+        let file = words.next().unwrap_or("");
+        let count: u32 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+        match (modules.iter().find(|m| m.file == file), count) {
+            (None, _) => Err(format!("{verb}: no configuration module named '{file}'")),
+            (_, 0) => Err(format!("{verb}: usage: {verb} <file.toml> <count>")),
+            (Some(m), count) => Ok((m, count)),
+        }
+    }
+
     fn stress(
         m: &crate::toolstack::Module,
         modules: &[crate::toolstack::Module],
@@ -559,37 +575,14 @@ mod guest {
                                         }
                                     }
                                 }
-                                cmd if cmd.starts_with("spawn ") => {
-                                    let mut words = cmd.split_ascii_whitespace().skip(1);
-                                    let file = words.next().unwrap_or("");
-                                    let count: u32 =
-                                        words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
-                                    match (modules.iter().find(|m| m.file == file), count) {
-                                        (None, _) => println!(
-                                            "spawn: no configuration module named '{file}'"
-                                        ),
-                                        (_, 0) => {
-                                            println!("spawn: usage: spawn <file.toml> <count>")
-                                        }
-                                        (Some(m), count) => {
+                                cmd if cmd.starts_with("spawn ") || cmd.starts_with("stress ") => {
+                                    match module_and_count(cmd, &modules) {
+                                        Err(e) => println!("{e}"),
+                                        Ok((m, count)) if cmd.starts_with("spawn ") => {
                                             let n = crate::toolstack::spawn(m, &modules, &scratch, count);
-                                            println!("spawn: created {n} of {count} domains from {file} (no console or store backends)");
+                                            println!("spawn: created {n} of {count} domains from {} (no console or store backends)", m.file);
                                         }
-                                    }
-                                }
-                                cmd if cmd.starts_with("stress ") => {
-                                    let mut words = cmd.split_ascii_whitespace().skip(1);
-                                    let file = words.next().unwrap_or("");
-                                    let count: u32 =
-                                        words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
-                                    match (modules.iter().find(|m| m.file == file), count) {
-                                        (None, _) => println!(
-                                            "stress: no configuration module named '{file}'"
-                                        ),
-                                        (_, 0) => {
-                                            println!("stress: usage: stress <file.toml> <count>")
-                                        }
-                                        (Some(m), count) => stress(m, &modules, &scratch, count),
+                                        Ok((m, count)) => stress(m, &modules, &scratch, count),
                                     }
                                 }
                                 "list" => {
