@@ -503,7 +503,8 @@ pub struct HvStats {
     pub grants: u32,
     pub foreign_mappings: u32,
     pub orphan_frames: u32,
-    pub _pad: u32,
+    /// microhv's heap in use, in KiB (its per-domain state lives there).
+    pub heap_used_kib: u32,
 }
 
 const _: () = assert!(size_of::<HvStats>() == 32);

@@ -207,7 +207,7 @@ fn layouts() -> Vec<Layout> {
             grants: u32,
             foreign_mappings: u32,
             orphan_frames: u32,
-            _pad: u32,
+            heap_used_kib: u32,
         }),
         layout!(DomainCounters at "hypercall", "The `domain_counters` result." {
             hypercalls: u64,

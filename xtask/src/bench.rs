@@ -128,6 +128,8 @@ pub struct Report {
     pub unit: String,
     pub quick: bool,
     pub hypervisor_image_kib: Option<u64>,
+    /// microhv's heap per DomU, from the 64-domain run (Dom0's `spawn`).
+    pub hv_bytes_per_domain: Option<u64>,
     /// microhv's own ring-0 floor: interrupt round trip, CR3 reload, time read.
     pub baseline: BTreeMap<String, f64>,
     pub benches: Vec<Bench>,
@@ -165,14 +167,14 @@ pub fn targets(r: &Report) -> Vec<Target> {
             measured: find("null_hypercall").and_then(|b| b.stats).zip(floor).map(|(s, f)| s.median as f64 / f),
             limit: 2.0,
             unit: "x",
-            if_missed: "the floor is one int/iretq inside ring 0 with no address-space switch; a hypercall adds two CR3 loads and, today, a full scheduler pass (see the target above)",
+            if_missed: "the floor is one int/iretq inside ring 0 with no address-space switch; a hypercall adds two CR3 loads, the KPTI entry bookkeeping, decoding, and the shared-info checks for a due upcall (see the target below)",
         },
         Target {
             what: "null PV hypercall: microhv instructions per round trip",
             measured: hv_per_op("null_hypercall"),
             limit: 150.0,
             unit: "instructions",
-            if_missed: "every entry takes the full scheduler pass (timers, run queue, upcall check, APIC timer re-arm, I/O bitmap) and copies the register frame several times; a fast return for hypercalls that neither block nor wake anyone would skip nearly all of it",
+            if_missed: "the fast return already skips the scheduler pass; what is left is the entry bookkeeping (counters, the saved frame copied in and out), decoding, and the shared-info reads for a due upcall, each through the checked machine-memory accessor (a lock and a range search); a cached, pre-checked pointer to shared_info and one frame copy would reach it",
         },
         Target {
             what: "event send to upcall: microhv instructions",
@@ -193,6 +195,13 @@ pub fn targets(r: &Report) -> Vec<Target> {
             limit: 1.2,
             unit: "x",
             if_missed: "picking the next vCPU or finding the earliest timer walks every domain; a sorted timer queue and an O(1) run queue would keep the cost flat",
+        },
+        Target {
+            what: "hypervisor state per domain (microhv's heap, from the 64-domain run)",
+            measured: r.hv_bytes_per_domain.map(|b| b as f64),
+            limit: 16384.0,
+            unit: "bytes",
+            if_missed: "the largest part is the domain's p2m list (8 bytes per page) and its event-channel and grant tables; sizing those to what the domain uses would bring it down",
         },
         Target {
             what: "hypervisor image size",
@@ -279,7 +288,7 @@ pub fn report_md(r: &Report) -> String {
     for t in all.iter().filter(|t| t.measured.is_some_and(|v| v > t.limit)) {
         let _ = writeln!(s, "\n- **{}** missed: {}.", t.what, t.if_missed);
     }
-    let _ = writeln!(s, "\nNot measured here yet: the HVM and PVHVM flavours (they need VT-x, i.e. the Bochs run), console through the emulated UART, and per-domain hypervisor state.\n");
+    let _ = writeln!(s, "\nNot measured here yet: the HVM and PVHVM flavours (they need VT-x, i.e. the Bochs run) and console through the emulated UART.\n");
     let _ = writeln!(s, "## What each benchmark does\n");
     for b in &r.benches {
         let _ = writeln!(s, "- **{}**: {}", b.name, explain(&b.name));
@@ -372,6 +381,7 @@ mod tests {
             unit: "instructions".into(),
             quick: true,
             hypervisor_image_kib: Some(300),
+            hv_bytes_per_domain: state_per_domain("[dom0] spawn: microhv's heap grew by 40 KiB: 650 bytes of hypervisor state per domain"),
             baseline: parse_baseline("microhv: baseline: int_round_trip=500.0 cr3_reload=1.0 time_read=20.5 (ring 0)"),
             benches: parse(OUT, "PV", "QEMU").unwrap(),
         }
@@ -430,6 +440,7 @@ mod tests {
         let md = report_md(&report());
         assert!(md.contains("| null PV hypercall: microhv instructions per round trip | 150 instructions | 150 instructions | yes |"), "{md}");
         assert_eq!(timestamp(0), "19700101-000000");
+        assert!(md.contains("| hypervisor state per domain (microhv's heap, from the 64-domain run) | 650 bytes | 16384 bytes | yes |"), "{md}");
         assert!(md.contains("| int_round_trip | 500.0 |"), "{md}");
         assert!(md.contains("| null PV hypercall as a multiple of the ring-0 interrupt round trip (the native floor) | 0.40 x | 2 x | yes |"), "{md}");
         assert_eq!(timestamp(1_796_202_061), "20261202-090101");
@@ -453,7 +464,7 @@ pub fn image_kib(serial: &str) -> Option<u64> {
 
 /// The scheduler benchmark with `k` runnable domains: the benchmark guest
 /// and `k - 1` spinners that Dom0 spawns (`spawn spin.toml <k-1>`).
-pub fn run_switch_qemu(images: &crate::Images, k: u32, quick: bool) -> Result<Vec<Bench>> {
+pub fn run_switch_qemu(images: &crate::Images, k: u32, quick: bool) -> Result<(Vec<Bench>, Option<u64>)> {
     std::fs::write(
         images.dir.join("bench-switch.toml"),
         format!("name = \"bench\"\nkernel = \"domu.elf\"\nmemory = \"8M\"\ncmdline = \"bench switch-k={k}{}\"\nkind = \"pv\"\n", if quick { " quick" } else { "" }),
@@ -476,7 +487,14 @@ pub fn run_switch_qemu(images: &crate::Images, k: u32, quick: bool) -> Result<Ve
     if k > 1 && !r.serial.contains(&format!("spawn: created {} of {} domains", k - 1, k - 1)) {
         bail!("Dom0 could not spawn {} spinners:\n{}", k - 1, r.serial);
     }
-    parse(&r.serial, "PV", "QEMU TCG")
+    Ok((parse(&r.serial, "PV", "QEMU TCG")?, state_per_domain(&r.serial)))
+}
+
+/// Reads Dom0's `spawn: ... N bytes of hypervisor state per domain`.
+pub fn state_per_domain(serial: &str) -> Option<u64> {
+    let l = serial.lines().find(|l| l.contains("bytes of hypervisor state per domain"))?;
+    let head = &l[..l.find(" bytes of hypervisor state")?];
+    head.rsplit(' ').next()?.parse().ok()
 }
 
 /// Boots Dom0 + the benchmark guest (PV) under QEMU TCG with `-icount`.
@@ -510,6 +528,7 @@ pub fn run_pv_qemu(images: &crate::Images, quick: bool) -> Result<(Report, Strin
         unit: "instructions (icount: 1 ns of guest time = 1 instruction)".into(),
         quick,
         hypervisor_image_kib: image_kib(&r.serial),
+        hv_bytes_per_domain: None,
         baseline: parse_baseline(&r.serial),
         benches,
     };

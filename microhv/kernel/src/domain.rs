@@ -620,14 +620,16 @@ pub fn guest_entry(frame: &mut TrapFrame) {
     schedule(frame, force);
 }
 
-/// Hypercalls that cannot wake, block or end anyone, nor change a timer:
-/// after them the scheduler would pick the same vCPU with the same deadline.
+/// Hypercalls that cannot wake, block or end anyone but the caller, nor
+/// change a timer: after them the scheduler would pick the same vCPU with
+/// the same deadline. (`iret` and `evtchn_unmask` may make an upcall due for
+/// the caller itself: `fast_return` checks for that.)
 fn keeps_schedule(nr: u64) -> bool {
     use shared_abi::hypercall::nr::*;
     matches!(
         nr,
         VERSION | MEMORY_POPULATE | MEMORY_RELEASE | MEMORY_QUERY | MMU_UPDATE | PIN_TABLE | UNPIN_TABLE | SET_PT_BASE | INVLPG
-            | SET_TRAP_TABLE | SET_CALLBACK | STACK_SWITCH | EVTCHN_BIND_VIRQ | EVTCHN_ALLOC_UNBOUND | EVTCHN_STATUS
+            | SET_TRAP_TABLE | SET_CALLBACK | IRET | STACK_SWITCH | EVTCHN_BIND_VIRQ | EVTCHN_ALLOC_UNBOUND | EVTCHN_STATUS | EVTCHN_UNMASK
             | GRANT_ACCESS | GRANT_END | GRANT_MAP | GRANT_UNMAP | GRANT_COPY | DOMCTL_LIST | DOMCTL_STATS | DOMCTL_GET_FRAMES
             | DOMCTL_MAP | DOMCTL_UNMAP | DOMCTL_MODULES | DMA_POPULATE | DOMAIN_COUNTERS
     )

@@ -454,7 +454,8 @@ fn dispatch(hv: &mut Hv, cur: usize, call: Call) -> Outcome {
             let grants: u32 = hv.domains.iter().map(|d| hv.grants.grants_in_use(d.id)).sum();
             let mut b = [0u8; 32];
             b[0..8].copy_from_slice(&mm::free_frames().to_le_bytes());
-            for (i, v) in [live.len() as u32, ports, grants, hv.frames.foreign_count() as u32, hv.frames.orphan_count() as u32]
+            let heap_kib = (mm::heap_used() / 1024) as u32;
+            for (i, v) in [live.len() as u32, ports, grants, hv.frames.foreign_count() as u32, hv.frames.orphan_count() as u32, heap_kib]
                 .iter()
                 .enumerate()
             {

@@ -204,6 +204,11 @@ pub fn translate(cr3: u64, va: u64) -> Option<(u64, PteFlags)> {
     PageTables::from_root(cr3, Live).translate(va)
 }
 
+/// Bytes of microhv's heap in use.
+pub fn heap_used() -> usize {
+    HEAP.lock().used()
+}
+
 pub fn heap_free() -> usize {
     HEAP.lock().free()
 }
