@@ -95,6 +95,8 @@ pub struct Images {
     pub domu: PathBuf,
     /// The hostile test guest (attack chosen by `attack=` on its module line).
     pub hostile: PathBuf,
+    /// The HVM flavour of the demo DomU (a plain multiboot kernel).
+    pub domu_hvm: PathBuf,
 }
 
 impl Images {
@@ -105,6 +107,7 @@ impl Images {
             dom0: dir.join("dom0.elf"),
             domu: dir.join("domu.elf"),
             hostile: dir.join("hostile.elf"),
+            domu_hvm: dir.join("domu-hvm.elf"),
         }
     }
 }
@@ -153,6 +156,9 @@ pub fn build_images(release: bool) -> Result<Images> {
             std::fs::copy(&path, out.join(path.file_name().expect("file name")))?;
         }
     }
+    build_hvm_guest(&root, release)?;
+    std::fs::copy(root.join("target/kernel-hvm").join(KERNEL_TARGET).join(profile).join("domu-kernel"), &images.domu_hvm)
+        .context("copying the HVM demo guest")?;
     for (from, to) in [
         ("microhv", &images.microhv),
         ("dom0", &images.dom0),
@@ -162,6 +168,33 @@ pub fn build_images(release: bool) -> Result<Images> {
         std::fs::copy(built.join(from), to).with_context(|| format!("copying {from} to {}", to.display()))?;
     }
     Ok(images)
+}
+
+/// Builds the HVM flavour of the demo DomU (same crate, feature `hvm`) in
+/// its own target directory, so the PV build keeps its features.
+fn build_hvm_guest(root: &Path, release: bool) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root).args([
+        "build",
+        "--target",
+        KERNEL_TARGET,
+        "--target-dir",
+        "target/kernel-hvm",
+        "-p",
+        "domu-kernel",
+        "--no-default-features",
+        "--features",
+        "hvm",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    cmd.env_remove("RUSTFLAGS").env_remove("CARGO_BUILD_TARGET");
+    if !cmd.status().context("running cargo build for the HVM guest")?.success() {
+        bail!("building the HVM demo guest failed");
+    }
+    Ok(())
 }
 
 /// Images for the system tests: from `MICROHV_IMAGE_DIR` when `cargo xtask
@@ -455,6 +488,9 @@ mod tests {
     }
 }
 
+/// The module line of the HVM demo DomU.
+pub const HVM_DEMO_MODULE: &str = "domu-hvm.elf name=hvm1 boot mem=8M";
+
 /// Debian packages for the Bochs path (VT-x lives only there on our machines).
 pub const BOCHS_PACKAGES: &[(&str, &str)] = &[
     ("bochs", "bochs"),
@@ -485,9 +521,12 @@ pub struct BochsRun {
 }
 
 impl BochsRun {
+    /// The QEMU demo plus one HVM DomU (`domu-hvm.elf`, built by microhv at
+    /// boot: `boot` on its line), next to Dom0 so it gets domain id 1.
     pub fn new(images: &Images) -> BochsRun {
-        let q = QemuRun::new(images);
-        BochsRun { images: images.clone(), modules: q.modules, cmdline: String::new(), timeout: Duration::from_secs(300), echo: false }
+        let mut modules = QemuRun::new(images).modules;
+        modules.insert(1, HVM_DEMO_MODULE.into());
+        BochsRun { images: images.clone(), modules, cmdline: String::new(), timeout: Duration::from_secs(300), echo: false }
     }
 
     /// Builds the ISO and boots it; the outcome comes from the serial output

@@ -23,6 +23,8 @@ mod crash;
 #[cfg(target_os = "none")]
 mod domain;
 #[cfg(target_os = "none")]
+mod hvm;
+#[cfg(target_os = "none")]
 mod hypercall;
 #[cfg(target_os = "none")]
 mod mm;
@@ -168,7 +170,7 @@ mod start {
             power::off(exit::FAILURE)
         }
         match crate::vmx::probe() {
-            Ok(rev) => log::info!("VT-x: VMXON ok, VMCS revision {rev:#x}, VMCS field round trip ok (HVM domains come next)"),
+            Ok(rev) => log::info!("VT-x: VMXON ok, VMCS revision {rev:#x}, VMCS field round trip ok; HVM domains can run"),
             Err(why) => log::info!("VT-x: {why}"),
         }
         if info.module_count == 0 {

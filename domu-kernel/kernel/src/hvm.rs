@@ -1,0 +1,553 @@
+//! The HVM flavour of the demo DomU: an ordinary multiboot1 kernel. The
+//! boot code switches from 32-bit protected mode to long mode on its own
+//! page tables; then it prints through the 16550 at 0x3f8, sleeps with the
+//! x2APIC timer and HLT, checks what the platform shows it (CPUID, unknown
+//! MSRs and ports), writes and reads back memory, and powers off through
+//! port 0xf4. It knows nothing of hypercalls.
+//!
+//! `attack=<name>` on the command line makes it a hostile guest instead
+//! (see [`attack`]); microhv must end it or refuse it, and the others go on.
+
+use core::arch::{asm, global_asm};
+use core::fmt::Write;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use domu_core::{error_permille, ms_parts, pattern, within};
+
+global_asm!(
+    r#"
+    .set MB_MAGIC, 0x1BADB002
+    .set MB_FLAGS, 0x3
+    .section .multiboot, "a"
+    .p2align 2
+    .long MB_MAGIC
+    .long MB_FLAGS
+    .long -(MB_MAGIC + MB_FLAGS)
+
+    .section .text.boot, "ax"
+    .code32
+    .global _start32
+_start32:
+    cli
+    cld
+    mov $hvm_stack_top, %esp
+    mov %eax, %edi
+    mov %ebx, %esi
+    /* Identity map of the first 1 GiB with 2 MiB pages. */
+    mov $hvm_pdpt, %eax
+    or $3, %eax
+    mov %eax, hvm_pml4
+    mov $hvm_pd, %eax
+    or $3, %eax
+    mov %eax, hvm_pdpt
+    xor %ecx, %ecx
+1:  mov %ecx, %eax
+    shl $21, %eax
+    or $0x83, %eax
+    mov %eax, hvm_pd(,%ecx,8)
+    inc %ecx
+    cmp $512, %ecx
+    jne 1b
+    mov $hvm_pml4, %eax
+    mov %eax, %cr3
+    mov %cr4, %eax
+    or $(1 << 5), %eax
+    mov %eax, %cr4
+    mov $0xC0000080, %ecx
+    rdmsr
+    or $(1 << 8), %eax
+    wrmsr
+    mov %cr0, %eax
+    or $0x80000001, %eax
+    mov %eax, %cr0
+    lgdt hvm_gdtr
+    ljmp $0x08, $hvm_start64
+
+    .code64
+hvm_start64:
+    mov $0x10, %ax
+    mov %ax, %ds
+    mov %ax, %es
+    mov %ax, %ss
+    xor %ax, %ax
+    mov %ax, %fs
+    mov %ax, %gs
+    mov %edi, %edi
+    mov %esi, %esi
+    call hvm_main
+2:  hlt
+    jmp 2b
+
+    /* Interrupt stubs: vector N at hvm_stubs + 16 * N. */
+    .p2align 4
+    .global hvm_stubs
+hvm_stubs:
+    .set vec, 0
+    .rept 256
+    .p2align 4
+    .if (vec == 8) || ((vec >= 10) && (vec <= 14)) || (vec == 17) || (vec == 21)
+    .else
+    push $0
+    .endif
+    push $vec
+    jmp hvm_isr_common
+    .set vec, vec + 1
+    .endr
+hvm_isr_common:
+    push %rax
+    push %rbx
+    push %rcx
+    push %rdx
+    push %rsi
+    push %rdi
+    push %rbp
+    push %r8
+    push %r9
+    push %r10
+    push %r11
+    push %r12
+    push %r13
+    push %r14
+    push %r15
+    mov %rsp, %rdi
+    cld
+    call hvm_interrupt
+    pop %r15
+    pop %r14
+    pop %r13
+    pop %r12
+    pop %r11
+    pop %r10
+    pop %r9
+    pop %r8
+    pop %rbp
+    pop %rdi
+    pop %rsi
+    pop %rdx
+    pop %rcx
+    pop %rbx
+    pop %rax
+    add $16, %rsp
+    iretq
+
+    .section .rodata
+    .p2align 3
+hvm_gdt:
+    .quad 0
+    .quad 0x00AF9B000000FFFF
+    .quad 0x00CF93000000FFFF
+hvm_gdt_end:
+hvm_gdtr:
+    .word hvm_gdt_end - hvm_gdt - 1
+    .long hvm_gdt
+
+    .section .bss
+    .p2align 12
+hvm_pml4: .skip 4096
+hvm_pdpt: .skip 4096
+hvm_pd: .skip 4096
+    .skip 65536
+hvm_stack_top:
+"#,
+    options(att_syntax)
+);
+
+extern "C" {
+    static hvm_stubs: u8;
+}
+
+const TIMER_VECTOR: u8 = 0x30;
+const MSR_EOI: u32 = 0x80b;
+const MSR_SVR: u32 = 0x80f;
+const MSR_LVT_TIMER: u32 = 0x832;
+const MSR_TIMER_INIT: u32 = 0x838;
+const MSR_TIMER_DIVIDE: u32 = 0x83e;
+const MSR_SELF_IPI: u32 = 0x83f;
+
+static TICKS: AtomicU64 = AtomicU64::new(0);
+static INTERRUPTS: AtomicU64 = AtomicU64::new(0);
+/// Set while a #GP is expected from a 2-byte instruction (RDMSR): the
+/// handler skips it and records that it came.
+static EXPECT_GP: AtomicBool = AtomicBool::new(false);
+static GOT_GP: AtomicBool = AtomicBool::new(false);
+static TSC_KHZ: AtomicU64 = AtomicU64::new(1);
+
+fn outb(port: u16, v: u8) {
+    // SAFETY: port I/O to the platform's devices; in this guest every port
+    // access exits to microhv, which emulates or refuses it.
+    unsafe { asm!("out dx, al", in("dx") port, in("al") v) };
+}
+
+fn inb(port: u16) -> u8 {
+    let v: u8;
+    // SAFETY: as in outb.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") v) };
+    v
+}
+
+fn wrmsr(msr: u32, v: u64) {
+    // SAFETY: only the x2APIC and EFER MSRs the platform offers are written.
+    unsafe { asm!("wrmsr", in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32) };
+}
+
+/// RDMSR that survives a #GP: None when the MSR faulted.
+fn try_rdmsr(msr: u32) -> Option<u64> {
+    let (lo, hi): (u32, u32);
+    EXPECT_GP.store(true, Ordering::SeqCst);
+    GOT_GP.store(false, Ordering::SeqCst);
+    // SAFETY: a #GP here is caught by `hvm_interrupt`, which skips the
+    // 2-byte instruction (EXPECT_GP); EAX/EDX are then whatever they were.
+    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi) };
+    EXPECT_GP.store(false, Ordering::SeqCst);
+    (!GOT_GP.load(Ordering::SeqCst)).then_some((hi as u64) << 32 | lo as u64)
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: RDTSC has no side effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+fn now_ns() -> u64 {
+    (rdtsc() as u128 * 1_000_000 / TSC_KHZ.load(Ordering::Relaxed) as u128) as u64
+}
+
+fn cpuid(leaf: u32) -> [u32; 4] {
+    let r = core::arch::x86_64::__cpuid_count(leaf, 0);
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
+struct Uart;
+
+impl Uart {
+    fn init() {
+        outb(0x3f9, 0x00);
+        outb(0x3fb, 0x80);
+        outb(0x3f8, 0x01);
+        outb(0x3f9, 0x00);
+        outb(0x3fb, 0x03);
+        outb(0x3fa, 0xc7);
+        outb(0x3fc, 0x0b);
+    }
+    fn put(b: u8) {
+        while inb(0x3fd) & 0x20 == 0 {
+            core::hint::spin_loop();
+        }
+        outb(0x3f8, b);
+    }
+}
+
+impl Write for Uart {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        for b in s.bytes() {
+            if b == b'\n' {
+                Uart::put(b'\r');
+            }
+            Uart::put(b);
+        }
+        Ok(())
+    }
+}
+
+macro_rules! println {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(Uart, $($arg)*);
+    }};
+}
+
+fn power_off(code: u8) -> ! {
+    outb(0xf4, code);
+    loop {
+        // SAFETY: only reached if the power-off port did nothing.
+        unsafe { asm!("cli", "hlt") };
+    }
+}
+
+#[repr(C)]
+struct Frame {
+    r15: u64,
+    r14: u64,
+    r13: u64,
+    r12: u64,
+    r11: u64,
+    r10: u64,
+    r9: u64,
+    r8: u64,
+    rbp: u64,
+    rdi: u64,
+    rsi: u64,
+    rdx: u64,
+    rcx: u64,
+    rbx: u64,
+    rax: u64,
+    vector: u64,
+    error: u64,
+    rip: u64,
+    cs: u64,
+    rflags: u64,
+    rsp: u64,
+    ss: u64,
+}
+
+#[no_mangle]
+extern "C" fn hvm_interrupt(f: &mut Frame) {
+    match f.vector {
+        13 if EXPECT_GP.load(Ordering::SeqCst) => {
+            GOT_GP.store(true, Ordering::SeqCst);
+            f.rip += 2;
+        }
+        v if v < 32 => {
+            println!("exception {} (error {:#x}) at rip {:#x}; powering off with code 3", v, f.error, f.rip);
+            power_off(3);
+        }
+        v => {
+            INTERRUPTS.fetch_add(1, Ordering::Relaxed);
+            if v == TIMER_VECTOR as u64 {
+                TICKS.fetch_add(1, Ordering::SeqCst);
+            }
+            wrmsr(MSR_EOI, 0);
+        }
+    }
+}
+
+#[repr(C, packed)]
+struct Pointer {
+    limit: u16,
+    base: u64,
+}
+
+static mut IDT: [[u64; 2]; 256] = [[0; 2]; 256];
+
+fn load_idt() {
+    let stubs = core::ptr::addr_of!(hvm_stubs) as u64;
+    // SAFETY: single vCPU, interrupts off; the IDT is ours and static.
+    unsafe {
+        let idt = &mut *core::ptr::addr_of_mut!(IDT);
+        for (v, e) in idt.iter_mut().enumerate() {
+            let h = stubs + 16 * v as u64;
+            let lo = (h & 0xffff) | (0x08 << 16) | (0x8e00 << 32) | ((h >> 16) & 0xffff) << 48;
+            *e = [lo, h >> 32];
+        }
+        let p = Pointer { limit: (core::mem::size_of::<[[u64; 2]; 256]>() - 1) as u16, base: idt.as_ptr() as u64 };
+        asm!("lidt [{}]", in(reg) &p);
+    }
+}
+
+/// Waits with HLT until the timer has ticked `n` more times.
+fn wait_ticks(n: u64) {
+    let target = TICKS.load(Ordering::SeqCst) + n;
+    while TICKS.load(Ordering::SeqCst) < target {
+        // SAFETY: STI;HLT sleeps until the next interrupt (STI's one-
+        // instruction shadow means none is lost in between); CLI after.
+        unsafe { asm!("sti", "hlt", "cli") };
+    }
+}
+
+fn one_shot(ns: u64) {
+    wrmsr(MSR_LVT_TIMER, TIMER_VECTOR as u64);
+    wrmsr(MSR_TIMER_INIT, (ns / 10).clamp(1, u32::MAX as u64));
+}
+
+/// The multiboot command line (or "").
+fn cmdline(mbi: u64) -> &'static str {
+    // SAFETY: microhv's multiboot information page is in our memory, which
+    // the boot page tables map; flags bit 2 says the command line is there.
+    unsafe {
+        let flags = (mbi as *const u32).read_volatile();
+        if flags & 4 == 0 {
+            return "";
+        }
+        let p = ((mbi + 16) as *const u32).read_volatile() as u64 as *const u8;
+        let mut n = 0;
+        while n < 1024 && p.add(n).read_volatile() != 0 {
+            n += 1;
+        }
+        core::str::from_utf8(core::slice::from_raw_parts(p, n)).unwrap_or("")
+    }
+}
+
+fn arg<'a>(cmd: &'a str, key: &str) -> Option<&'a str> {
+    cmd.split_ascii_whitespace().find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
+
+fn mem_upper_kib(mbi: u64) -> u64 {
+    // SAFETY: as in `cmdline`; mem_upper is at offset 8.
+    unsafe { ((mbi + 8) as *const u32).read_volatile() as u64 }
+}
+
+const WORK_PAGES: usize = 64;
+static mut WORK: [[u64; 512]; WORK_PAGES] = [[0; 512]; WORK_PAGES];
+
+#[no_mangle]
+extern "C" fn hvm_main(magic: u32, mbi: u32) -> ! {
+    Uart::init();
+    load_idt();
+    let mbi = mbi as u64;
+    let cmd = if magic == 0x2BAD_B002 { cmdline(mbi) } else { "" };
+    let name = arg(cmd, "name").unwrap_or("hvm");
+    let sig = cpuid(0x4000_0000);
+    let mut vendor = [0u8; 12];
+    for (i, r) in sig[1..].iter().enumerate() {
+        vendor[i * 4..i * 4 + 4].copy_from_slice(&r.to_le_bytes());
+    }
+    let timing = cpuid(0x4000_0010);
+    TSC_KHZ.store((timing[0] as u64).max(1), Ordering::Relaxed);
+    let leaf1 = cpuid(1);
+    println!(
+        "{name} up: HVM guest (multiboot magic {}), {} KiB above 1 MiB, hypervisor {:?}, VMX {}, x2APIC {}, TSC {} kHz, APIC timer {} kHz, cmdline {:?}",
+        if magic == 0x2BAD_B002 { "ok" } else { "BAD" },
+        mem_upper_kib(mbi),
+        core::str::from_utf8(&vendor).unwrap_or("?"),
+        if leaf1[2] & (1 << 5) != 0 { "visible" } else { "hidden" },
+        if leaf1[2] & (1 << 21) != 0 { "yes" } else { "no" },
+        timing[0],
+        timing[1],
+        cmd
+    );
+    if timing[1] != 100_000 || leaf1[2] & (1 << 21) == 0 {
+        println!("unexpected platform (APIC timer rate or no x2APIC); powering off with code 2");
+        power_off(2);
+    }
+    // The local APIC: enable it, timer divide by 1.
+    wrmsr(MSR_SVR, 0x1ff);
+    wrmsr(MSR_TIMER_DIVIDE, 0b1011);
+    if let Some(a) = arg(cmd, "attack") {
+        attack(name, a);
+    }
+    timers(name);
+    periodic();
+    platform_checks();
+    memory(name);
+    println!("done: {} interrupts handled; shutting down", INTERRUPTS.load(Ordering::Relaxed));
+    power_off(0)
+}
+
+/// The same sleeps as the PV DomU, with the APIC timer and HLT.
+fn timers(name: &str) {
+    // Warm-up, not reported (as in the PV flavour).
+    one_shot(1_000_000);
+    wait_ticks(1);
+    let base = if name.ends_with('2') { 30 } else { 20 };
+    for ms in [base, base * 2, base * 5] {
+        let asked = ms * 1_000_000;
+        let t0 = now_ns();
+        one_shot(asked);
+        wait_ticks(1);
+        let took = now_ns() - t0;
+        let (m, f) = ms_parts(took);
+        let e = error_permille(asked, took);
+        println!(
+            "sleep {ms} ms (APIC timer, HLT): measured {m}.{f:03} ms, error {}{}.{}% {}",
+            if e < 0 { "-" } else { "+" },
+            e.unsigned_abs() / 10,
+            e.unsigned_abs() % 10,
+            if within(asked, took, 10) { "ok" } else { "OUT OF TOLERANCE" }
+        );
+    }
+}
+
+/// Ten periods of a 5 ms periodic timer.
+fn periodic() {
+    let t0 = now_ns();
+    wrmsr(MSR_LVT_TIMER, (1 << 17) | TIMER_VECTOR as u64);
+    wrmsr(MSR_TIMER_INIT, 500_000);
+    wait_ticks(10);
+    wrmsr(MSR_TIMER_INIT, 0);
+    let took = now_ns() - t0;
+    let (m, f) = ms_parts(took);
+    println!("periodic timer: 10 ticks of 5 ms in {m}.{f:03} ms {}", if within(50_000_000, took, 10) { "ok" } else { "OUT OF TOLERANCE" });
+}
+
+/// What the platform shows an unmodified guest where it has no device.
+fn platform_checks() {
+    let msr = try_rdmsr(0x1234_5678);
+    let port = inb(0x2f8);
+    println!(
+        "platform: unknown MSR {}, unknown port reads {port:#04x}, {}",
+        if msr.is_none() { "raised #GP" } else { "did NOT fault" },
+        if msr.is_none() && port == 0xff { "as documented" } else { "UNEXPECTED" }
+    );
+}
+
+/// Writes a pattern over 64 pages and reads it back.
+fn memory(name: &str) {
+    // SAFETY: our own static buffer; nothing else uses it.
+    let work = unsafe { &mut *core::ptr::addr_of_mut!(WORK) };
+    for (p, page) in work.iter_mut().enumerate() {
+        for (i, w) in page.iter_mut().enumerate() {
+            *w = pattern(name, p as u64, i as u64);
+        }
+    }
+    let ok = work.iter().enumerate().all(|(p, page)| page.iter().enumerate().all(|(i, &w)| w == pattern(name, p as u64, i as u64)));
+    println!("memory: {WORK_PAGES} pages written and read back {}", if ok { "ok" } else { "FAILED" });
+}
+
+/// Hostile behaviour chosen by `attack=`: each must end this guest (or be
+/// refused) while microhv and the other domains go on.
+fn attack(name: &str, which: &str) {
+    println!("{name}: attack {which}");
+    match which {
+        // Guest-physical memory that is not ours: the EPT has no entry.
+        "ept" => {
+            // SAFETY: deliberately hostile: 512 MiB is mapped by our page
+            // tables but is not guest memory, so microhv must stop us.
+            let v = unsafe { (0x2000_0000 as *const u64).read_volatile() };
+            println!("attack ept: read {v:#x} outside my memory: NOT STOPPED");
+        }
+        // microhv's own physical addresses (its image is at 2 MiB): in a
+        // guest they are just guest-physical addresses of our own memory;
+        // past our memory they are EPT violations.
+        "hvwrite" => {
+            for a in (0x20_0000u64..0x21_0000).step_by(8) {
+                // SAFETY: deliberately hostile; these are our own pages.
+                unsafe { (a as *mut u64).write_volatile(0xdead_beef_dead_beef) };
+            }
+            println!("attack hvwrite: 64 KiB written at 0x200000 landed in my own memory; now past the end");
+            // SAFETY: deliberately hostile (outside guest memory).
+            unsafe { (0x3000_0000 as *mut u64).write_volatile(0xdead_beef) };
+            println!("attack hvwrite: write past my memory NOT STOPPED");
+        }
+        // Hypercalls this guest may not make.
+        "vmcall" => {
+            for nr in [32u64, 11, 999, u64::MAX] {
+                let r: u64;
+                // SAFETY: VMCALL exits to microhv, which answers in RAX.
+                unsafe { asm!("vmcall", inlateout("rax") nr => r, in("rdi") 0, in("rsi") 0, in("rdx") 0) };
+                println!("attack vmcall: hypercall {nr:#x} -> {}", r as i64);
+            }
+            return;
+        }
+        // No IDT: the next exception becomes a triple fault.
+        "triple" => {
+            let p = Pointer { limit: 0, base: 0 };
+            // SAFETY: deliberately hostile: an empty IDT, then a breakpoint.
+            unsafe { asm!("lidt [{}]", "int3", in(reg) &p) };
+            println!("attack triple: still running: NOT STOPPED");
+        }
+        // As many interrupts as we can ask for, for 50 ms; then carry on.
+        "storm" => {
+            let t0 = now_ns();
+            wrmsr(MSR_LVT_TIMER, (1 << 17) | TIMER_VECTOR as u64);
+            wrmsr(MSR_TIMER_INIT, 1);
+            let mut ipis = 0u64;
+            while now_ns() - t0 < 50_000_000 {
+                wrmsr(MSR_SELF_IPI, 0x40);
+                ipis += 1;
+                // SAFETY: let the interrupts in for one instruction.
+                unsafe { asm!("sti", "nop", "cli") };
+            }
+            wrmsr(MSR_TIMER_INIT, 0);
+            println!(
+                "attack storm: {ipis} self-IPIs and a 10 ns periodic timer for 50 ms gave {} timer interrupts (microhv caps the rate)",
+                TICKS.load(Ordering::SeqCst)
+            );
+            return;
+        }
+        other => println!("unknown attack {other:?}"),
+    }
+    power_off(4)
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    println!("PANIC: {}", info.message());
+    power_off(5)
+}

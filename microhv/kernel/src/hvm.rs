@@ -1,0 +1,814 @@
+//! HVM domains on Intel VT-x: building one from an unmodified multiboot
+//! kernel, its VMCS (guest state, host state, controls), the world switch
+//! (VMLAUNCH/VMRESUME and the exit stub), and the glue from a VM exit to the
+//! host-tested platform in `microhv_core::hvm` and back to the scheduler.
+//!
+//! The hardware extension is behind [`HwExtension`]: `Vmx` is its only
+//! implementation today; an SVM one would provide the same four operations
+//! over a VMCB. Everything above it (exit handling, devices, the loader)
+//! is vendor-neutral.
+
+use crate::domain::{self, EndReason, Hv};
+use crate::mm::{self, Identity};
+use crate::vmx::{self, CurrentVmcs};
+use crate::{apic, time};
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::arch::{asm, global_asm};
+use core::sync::atomic::{AtomicU64, Ordering};
+use microhv_core::cmdline::Cmdline;
+use microhv_core::ept::Ept;
+use microhv_core::hvm::{self as platform, loader, Action, CpuMsr, GuestCpu, Platform};
+use microhv_core::machine::MachineMemory;
+use microhv_core::paging::TableMemory;
+use microhv_core::pvmm::Owner;
+use microhv_core::sched::{VcpuId, DEFAULT_WEIGHT};
+use microhv_core::vmx::cpuid::CpuidPolicy;
+use microhv_core::vmx::vmcs::*;
+use microhv_core::vmx::{adjust_controls, decode, VmExit, VmxError};
+use shared_abi::{DomId, Mfn};
+
+/// The hardware virtualization extension: what the rest of microhv needs
+/// from VT-x (or, later, AMD SVM).
+pub trait HwExtension {
+    /// Per-vCPU hardware state (a VMCS, a VMCB).
+    type Vcpu;
+    /// Why HVM domains cannot run here, if they cannot.
+    fn available() -> Result<(), String>;
+    /// Prepares a vCPU that starts a multiboot kernel at `entry` in 32-bit
+    /// protected mode (EAX = boot magic, EBX = `mbi`), with guest memory
+    /// described by the second-level table root `npt_root`.
+    fn create_vcpu(entry: u32, mbi: u32, npt_root: u64) -> Result<Self::Vcpu, String>;
+    /// Runs the vCPU until the next exit and decodes it.
+    fn run(vcpu: &mut Self::Vcpu) -> Result<VmExit, String>;
+    /// Releases the hardware state.
+    fn destroy_vcpu(vcpu: Self::Vcpu);
+}
+
+/// Guest general-purpose registers while the guest is out (RSP lives in
+/// the VMCS): index 0 = RAX .. 15 = R15, the hardware's numbering.
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+pub struct GuestRegs(pub [u64; 16]);
+
+/// One VT-x vCPU: its VMCS region and registers.
+pub struct VmxVcpu {
+    vmcs: u64,
+    launched: bool,
+    pub regs: GuestRegs,
+    /// An event the CPU was delivering when the exit came (re-injected).
+    reinject: Option<(u32, u32, u32)>,
+}
+
+/// The one implementation of [`HwExtension`] today.
+pub struct Vmx;
+
+// Controls (SDM vol. 3, chapter 25).
+const PIN_EXT_INT: u32 = 1 << 0;
+const PIN_NMI: u32 = 1 << 3;
+const PROC_INT_WINDOW: u32 = 1 << 2;
+const PROC_HLT: u32 = 1 << 7;
+const PROC_MWAIT: u32 = 1 << 10;
+const PROC_UNCOND_IO: u32 = 1 << 24;
+const PROC_MONITOR: u32 = 1 << 29;
+const PROC_SECONDARY: u32 = 1 << 31;
+const PROC2_EPT: u32 = 1 << 1;
+const PROC2_UNRESTRICTED: u32 = 1 << 7;
+const EXIT_HOST_64: u32 = 1 << 9;
+const EXIT_ACK_INT: u32 = 1 << 15;
+const EXIT_SAVE_EFER: u32 = 1 << 20;
+const EXIT_LOAD_EFER: u32 = 1 << 21;
+const ENTRY_IA32E: u32 = 1 << 9;
+const ENTRY_LOAD_EFER: u32 = 1 << 15;
+
+const CR0_ET: u64 = 1 << 4;
+const CR0_NE: u64 = 1 << 5;
+const CR4_VMXE: u64 = 1 << 13;
+/// CR0 bits microhv owns: PE and PG (long-mode switch), NE (fixed to 1).
+const CR0_OWNED: u64 = platform::CR0_PE | platform::CR0_PG | CR0_NE;
+const CR4_OWNED: u64 = CR4_VMXE;
+
+const IA32_VMX_BASIC: u32 = 0x480;
+const IA32_VMX_PINBASED: u32 = 0x481;
+const IA32_VMX_PROCBASED: u32 = 0x482;
+const IA32_VMX_EXIT: u32 = 0x483;
+const IA32_VMX_ENTRY: u32 = 0x484;
+const IA32_VMX_CR0_FIXED0: u32 = 0x486;
+const IA32_VMX_CR0_FIXED1: u32 = 0x487;
+const IA32_VMX_CR4_FIXED0: u32 = 0x488;
+const IA32_VMX_CR4_FIXED1: u32 = 0x489;
+const IA32_VMX_PROCBASED2: u32 = 0x48b;
+const IA32_VMX_TRUE_PINBASED: u32 = 0x48d;
+const IA32_VMX_TRUE_PROCBASED: u32 = 0x48e;
+const IA32_VMX_TRUE_EXIT: u32 = 0x48f;
+const IA32_VMX_TRUE_ENTRY: u32 = 0x490;
+const IA32_EFER: u32 = 0xc000_0080;
+
+/// Interruption-information field: valid bit, types.
+const INTR_VALID: u32 = 1 << 31;
+const INTR_TYPE_EXT: u32 = 0 << 8;
+const INTR_TYPE_HW_EXC: u32 = 3 << 8;
+const INTR_ERROR_CODE: u32 = 1 << 11;
+
+/// The VMCS that is current on this CPU (0: none of ours).
+static CURRENT: AtomicU64 = AtomicU64::new(0);
+
+global_asm!(
+    r#"
+    .section .text
+    .global hvm_run
+/* u64 hvm_run(GuestRegs *regs, u64 launched): enters the guest; returns 0
+ * after a VM exit (the registers saved in *regs), 1 if the VM entry
+ * instruction itself failed. */
+hvm_run:
+    push rbp
+    push rbx
+    push r12
+    push r13
+    push r14
+    push r15
+    push rdi
+    mov rax, 0x6c14          /* HOST_RSP: the exit lands on this stack */
+    vmwrite rax, rsp
+    test rsi, rsi
+    mov rax, [rdi + 0]
+    mov rcx, [rdi + 8]
+    mov rdx, [rdi + 16]
+    mov rbx, [rdi + 24]
+    mov rbp, [rdi + 40]
+    mov rsi, [rdi + 48]
+    mov r8, [rdi + 64]
+    mov r9, [rdi + 72]
+    mov r10, [rdi + 80]
+    mov r11, [rdi + 88]
+    mov r12, [rdi + 96]
+    mov r13, [rdi + 104]
+    mov r14, [rdi + 112]
+    mov r15, [rdi + 120]
+    mov rdi, [rdi + 56]
+    jnz 2f
+    vmlaunch
+    jmp 3f
+2:  vmresume
+3:  /* Only reached when VMLAUNCH/VMRESUME failed. */
+    pop rdi
+    pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop rbx
+    pop rbp
+    mov eax, 1
+    ret
+
+    .global hvm_exit_stub
+hvm_exit_stub:
+    push rdi
+    mov rdi, [rsp + 8]
+    mov [rdi + 0], rax
+    mov [rdi + 8], rcx
+    mov [rdi + 16], rdx
+    mov [rdi + 24], rbx
+    mov [rdi + 40], rbp
+    mov [rdi + 48], rsi
+    mov [rdi + 64], r8
+    mov [rdi + 72], r9
+    mov [rdi + 80], r10
+    mov [rdi + 88], r11
+    mov [rdi + 96], r12
+    mov [rdi + 104], r13
+    mov [rdi + 112], r14
+    mov [rdi + 120], r15
+    pop rax
+    mov [rdi + 56], rax
+    pop rdi
+    pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop rbx
+    pop rbp
+    xor eax, eax
+    ret
+"#
+);
+
+extern "C" {
+    fn hvm_run(regs: *mut GuestRegs, launched: u64) -> u64;
+    static hvm_exit_stub: u8;
+}
+
+fn read_cr(n: u8) -> u64 {
+    let v: u64;
+    // SAFETY: reading CR0/CR3/CR4 has no side effects.
+    unsafe {
+        match n {
+            0 => asm!("mov {}, cr0", out(reg) v),
+            3 => asm!("mov {}, cr3", out(reg) v),
+            _ => asm!("mov {}, cr4", out(reg) v),
+        }
+    }
+    v
+}
+
+/// The control value for `want`, checked against the capability MSR;
+/// `what` names it in the error.
+fn control(want: u32, msr: u32, what: &str) -> Result<u32, String> {
+    adjust_controls(want, vmx::capability(msr)).map_err(|bits| format!("the CPU cannot set {what} bits {bits:#x}"))
+}
+
+fn err(what: &str, e: VmxError) -> String {
+    format!("{what}: {e}")
+}
+
+/// Writes every VMCS field for a fresh vCPU (the VMCS is current).
+fn setup_vmcs(entry: u32, eptp: u64) -> Result<(), String> {
+    let v = &mut CurrentVmcs;
+    let w = |r: Result<(), VmxError>| r.map_err(|e| err("VMWRITE", e));
+    let true_ctls = vmx::capability(IA32_VMX_BASIC) & (1 << 55) != 0;
+    let pick = |plain: u32, tru: u32| if true_ctls { tru } else { plain };
+    let pin = control(PIN_EXT_INT | PIN_NMI, pick(IA32_VMX_PINBASED, IA32_VMX_TRUE_PINBASED), "pin-based")?;
+    let proc = control(
+        PROC_HLT | PROC_MWAIT | PROC_UNCOND_IO | PROC_MONITOR | PROC_SECONDARY,
+        pick(IA32_VMX_PROCBASED, IA32_VMX_TRUE_PROCBASED),
+        "processor-based",
+    )?;
+    let proc2 = control(PROC2_EPT | PROC2_UNRESTRICTED, IA32_VMX_PROCBASED2, "secondary processor-based")?;
+    let exit = control(EXIT_HOST_64 | EXIT_ACK_INT | EXIT_SAVE_EFER | EXIT_LOAD_EFER, pick(IA32_VMX_EXIT, IA32_VMX_TRUE_EXIT), "VM-exit")?;
+    let entry_ctl = control(ENTRY_LOAD_EFER, pick(IA32_VMX_ENTRY, IA32_VMX_TRUE_ENTRY), "VM-entry")?;
+    w(PinBasedControls::write(v, pin))?;
+    w(ProcBasedControls::write(v, proc))?;
+    w(SecondaryProcBasedControls::write(v, proc2))?;
+    w(ExitControls::write(v, exit))?;
+    w(EntryControls::write(v, entry_ctl))?;
+    w(ExceptionBitmap::write(v, 0))?;
+    w(Cr3TargetCount::write(v, 0))?;
+    w(ExitMsrStoreCount::write(v, 0))?;
+    w(ExitMsrLoadCount::write(v, 0))?;
+    w(EntryMsrLoadCount::write(v, 0))?;
+    w(EntryInterruptionInfo::write(v, 0))?;
+    w(EptPointer::write(v, eptp))?;
+    w(VmcsLinkPointer::write(v, u64::MAX))?;
+
+    // Host state: microhv as it runs now.
+    let mut gdtr = [0u8; 10];
+    let mut idtr = [0u8; 10];
+    // SAFETY: SGDT/SIDT store 10 bytes into our buffers.
+    unsafe {
+        asm!("sgdt [{}]", in(reg) gdtr.as_mut_ptr());
+        asm!("sidt [{}]", in(reg) idtr.as_mut_ptr());
+    }
+    let gdt_base = u64::from_le_bytes(gdtr[2..10].try_into().unwrap_or([0; 8]));
+    let idt_base = u64::from_le_bytes(idtr[2..10].try_into().unwrap_or([0; 8]));
+    // SAFETY: the GDT is mapped (read-only alias) for its whole limit; the
+    // TSS descriptor is entries 7 and 8 (selector 0x38).
+    let (lo, hi) = unsafe { ((gdt_base as *const u64).add(7).read(), (gdt_base as *const u64).add(8).read()) };
+    let tr_base = ((lo >> 16) & 0xff_ffff) | (((lo >> 56) & 0xff) << 24) | ((hi & 0xffff_ffff) << 32);
+    // SAFETY: EFER exists on every x86-64 CPU; reading it has no side effects.
+    let efer = unsafe { x86_64::registers::model_specific::Msr::new(IA32_EFER).read() };
+    w(HostCr0::write(v, read_cr(0)))?;
+    w(HostCr3::write(v, read_cr(3)))?;
+    w(HostCr4::write(v, read_cr(4)))?;
+    w(HostCsSelector::write(v, crate::cpu::HV_CS))?;
+    for f in [HostSsSelector::write, HostDsSelector::write, HostEsSelector::write] {
+        w(f(v, crate::cpu::HV_DS))?;
+    }
+    w(HostFsSelector::write(v, 0))?;
+    w(HostGsSelector::write(v, 0))?;
+    w(HostTrSelector::write(v, crate::cpu::TSS_SEL))?;
+    w(HostFsBase::write(v, 0))?;
+    w(HostGsBase::write(v, 0))?;
+    w(HostTrBase::write(v, tr_base))?;
+    w(HostGdtrBase::write(v, gdt_base))?;
+    w(HostIdtrBase::write(v, idt_base))?;
+    w(HostIa32SysenterCs::write(v, 0))?;
+    w(HostIa32SysenterEsp::write(v, 0))?;
+    w(HostIa32SysenterEip::write(v, 0))?;
+    w(HostIa32Efer::write(v, efer))?;
+    // Only the address of the exit stub is taken.
+    w(HostRip::write(v, core::ptr::addr_of!(hvm_exit_stub) as u64))?;
+
+    // Guest state: 32-bit protected mode, flat segments, paging off, as
+    // multiboot1 says (SDM vol. 3, "Checks on the Guest State Area").
+    let cr0_fixed0 = vmx::capability(IA32_VMX_CR0_FIXED0) & !(platform::CR0_PE | platform::CR0_PG);
+    let cr4_fixed0 = vmx::capability(IA32_VMX_CR4_FIXED0);
+    w(GuestCr0::write(v, platform::CR0_PE | CR0_ET | CR0_NE | cr0_fixed0))?;
+    w(Cr0ReadShadow::write(v, platform::CR0_PE | CR0_ET))?;
+    w(Cr0GuestHostMask::write(v, CR0_OWNED))?;
+    w(GuestCr4::write(v, CR4_VMXE | cr4_fixed0))?;
+    w(Cr4ReadShadow::write(v, 0))?;
+    w(Cr4GuestHostMask::write(v, CR4_OWNED))?;
+    w(GuestCr3::write(v, 0))?;
+    w(GuestDr7::write(v, 0x400))?;
+    w(GuestRflags::write(v, 0x2))?;
+    w(GuestRip::write(v, entry as u64))?;
+    w(GuestRsp::write(v, 0))?;
+    w(GuestCsSelector::write(v, 0x08))?;
+    w(GuestCsBase::write(v, 0))?;
+    w(GuestCsLimit::write(v, 0xffff_ffff))?;
+    w(GuestCsAccessRights::write(v, 0xc09b))?;
+    type Seg = (
+        fn(&mut CurrentVmcs, u16) -> Result<(), VmxError>,
+        fn(&mut CurrentVmcs, u64) -> Result<(), VmxError>,
+        fn(&mut CurrentVmcs, u32) -> Result<(), VmxError>,
+        fn(&mut CurrentVmcs, u32) -> Result<(), VmxError>,
+    );
+    let data: [Seg; 5] = [
+        (GuestDsSelector::write, GuestDsBase::write, GuestDsLimit::write, GuestDsAccessRights::write),
+        (GuestEsSelector::write, GuestEsBase::write, GuestEsLimit::write, GuestEsAccessRights::write),
+        (GuestSsSelector::write, GuestSsBase::write, GuestSsLimit::write, GuestSsAccessRights::write),
+        (GuestFsSelector::write, GuestFsBase::write, GuestFsLimit::write, GuestFsAccessRights::write),
+        (GuestGsSelector::write, GuestGsBase::write, GuestGsLimit::write, GuestGsAccessRights::write),
+    ];
+    for (sel, base, limit, ar) in data {
+        w(sel(v, 0x10))?;
+        w(base(v, 0))?;
+        w(limit(v, 0xffff_ffff))?;
+        w(ar(v, 0xc093))?;
+    }
+    w(GuestLdtrSelector::write(v, 0))?;
+    w(GuestLdtrBase::write(v, 0))?;
+    w(GuestLdtrLimit::write(v, 0))?;
+    w(GuestLdtrAccessRights::write(v, 1 << 16))?; // unusable
+    w(GuestTrSelector::write(v, 0))?;
+    w(GuestTrBase::write(v, 0))?;
+    w(GuestTrLimit::write(v, 0x67))?;
+    w(GuestTrAccessRights::write(v, 0x8b))?; // present, busy 32-bit TSS
+    w(GuestGdtrBase::write(v, 0))?;
+    w(GuestGdtrLimit::write(v, 0))?;
+    w(GuestIdtrBase::write(v, 0))?;
+    w(GuestIdtrLimit::write(v, 0))?;
+    w(GuestInterruptibilityState::write(v, 0))?;
+    w(GuestActivityState::write(v, 0))?;
+    w(GuestPendingDebugExceptions::write(v, 0))?;
+    w(GuestIa32Debugctl::write(v, 0))?;
+    w(GuestIa32SysenterCs::write(v, 0))?;
+    w(GuestIa32SysenterEsp::write(v, 0))?;
+    w(GuestIa32SysenterEip::write(v, 0))?;
+    w(GuestIa32Efer::write(v, 0))?;
+    Ok(())
+}
+
+fn make_current(vmcs: u64) -> Result<(), String> {
+    if CURRENT.load(Ordering::Relaxed) != vmcs {
+        vmx::vmptrld(vmcs).map_err(|e| err("VMPTRLD", e))?;
+        CURRENT.store(vmcs, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+impl HwExtension for Vmx {
+    type Vcpu = VmxVcpu;
+
+    fn available() -> Result<(), String> {
+        vmx::ready().map(|_| ()).map_err(|why| why.to_string())
+    }
+
+    fn create_vcpu(entry: u32, mbi: u32, eptp: u64) -> Result<VmxVcpu, String> {
+        let rev = vmx::ready().map_err(|w| w.to_string())?;
+        let frame = mm::alloc_frame().ok_or("no memory for a VMCS")?;
+        let pa = frame.addr();
+        // SAFETY: a fresh frame of ours, identity-mapped; the first 4 bytes
+        // hold the VMCS revision identifier.
+        unsafe {
+            core::ptr::write_bytes(pa as *mut u8, 0, 4096);
+            (pa as *mut u32).write_volatile(rev);
+        }
+        let setup = || -> Result<(), String> {
+            vmx::vmclear(pa).map_err(|e| err("VMCLEAR", e))?;
+            CURRENT.store(0, Ordering::Relaxed);
+            make_current(pa)?;
+            setup_vmcs(entry, eptp)
+        };
+        if let Err(e) = setup() {
+            let _ = vmx::vmclear(pa);
+            CURRENT.store(0, Ordering::Relaxed);
+            let _ = mm::free_frame(frame);
+            return Err(e);
+        }
+        let mut regs = GuestRegs::default();
+        regs.0[0] = loader::BOOT_MAGIC as u64;
+        regs.0[3] = mbi as u64;
+        Ok(VmxVcpu { vmcs: pa, launched: false, regs, reinject: None })
+    }
+
+    fn run(vcpu: &mut VmxVcpu) -> Result<VmExit, String> {
+        make_current(vcpu.vmcs)?;
+        let v = &mut CurrentVmcs;
+        if let Some((info, code, len)) = vcpu.reinject.take() {
+            let w = |r: Result<(), VmxError>| r.map_err(|e| err("VMWRITE", e));
+            w(EntryInterruptionInfo::write(v, info))?;
+            w(EntryExceptionErrorCode::write(v, code))?;
+            w(EntryInstructionLength::write(v, len))?;
+        }
+        // SAFETY: the VMCS is current and complete (setup_vmcs); host state
+        // is microhv's; the exit stub saves the guest registers into `regs`
+        // and returns here on this stack.
+        let failed = unsafe { hvm_run(&mut vcpu.regs, vcpu.launched as u64) };
+        crate::cpu::restore_after_vm_exit();
+        if failed != 0 {
+            let n = VmInstructionError::read(v).unwrap_or(0);
+            return Err(format!(
+                "VM entry failed: error {n} ({})",
+                microhv_core::vmx::vmcs::instruction_error_text(n)
+            ));
+        }
+        vcpu.launched = true;
+        let r = |x: Result<u64, VmxError>| x.unwrap_or(0);
+        let reason = ExitReason::read(v).unwrap_or(u32::MAX);
+        let q = r(ExitQualification::read(v));
+        let gpa = r(GuestPhysicalAddress::read(v));
+        let info = ExitInterruptionInfo::read(v).unwrap_or(0);
+        let code = ExitInterruptionErrorCode::read(v).unwrap_or(0);
+        let vect = IdtVectoringInfo::read(v).unwrap_or(0);
+        if vect & INTR_VALID != 0 {
+            let vcode = IdtVectoringErrorCode::read(v).unwrap_or(0);
+            let len = ExitInstructionLength::read(v).unwrap_or(0);
+            // Bit 12 is undefined in the vectoring field; the entry field wants it 0.
+            vcpu.reinject = Some((vect & !(1 << 12), vcode, len));
+        }
+        Ok(decode(reason, q, gpa, info, code))
+    }
+
+    fn destroy_vcpu(vcpu: VmxVcpu) {
+        let _ = vmx::vmclear(vcpu.vmcs);
+        let _ = CURRENT.compare_exchange(vcpu.vmcs, 0, Ordering::Relaxed, Ordering::Relaxed);
+        if let Err(e) = mm::free_frame(microhv_core::frame::Mfn(vcpu.vmcs >> 12)) {
+            log::error!("VMCS frame {:#x} could not be freed: {e:?}", vcpu.vmcs);
+        }
+    }
+}
+
+/// The guest CPU as `microhv_core::hvm` sees it: registers plus the
+/// current VMCS.
+struct Live<'a> {
+    regs: &'a mut GuestRegs,
+    vmcs: CurrentVmcs,
+}
+
+impl Live<'_> {
+    fn cr4_fixed(v: u64) -> Option<u64> {
+        let (f0, f1) = (vmx::capability(IA32_VMX_CR4_FIXED0), vmx::capability(IA32_VMX_CR4_FIXED1));
+        let real = v | CR4_VMXE | f0;
+        (real & !f1 == 0).then_some(real)
+    }
+}
+
+impl GuestCpu for Live<'_> {
+    fn gpr(&self, n: u8) -> u64 {
+        match n & 15 {
+            4 => GuestRsp::read(&self.vmcs).unwrap_or(0),
+            i => self.regs.0[i as usize],
+        }
+    }
+    fn set_gpr(&mut self, n: u8, val: u64) {
+        match n & 15 {
+            4 => {
+                let _ = GuestRsp::write(&mut self.vmcs, val);
+            }
+            i => self.regs.0[i as usize] = val,
+        }
+    }
+    fn rip(&self) -> u64 {
+        GuestRip::read(&self.vmcs).unwrap_or(0)
+    }
+    fn skip_instruction(&mut self) {
+        let len = ExitInstructionLength::read(&self.vmcs).unwrap_or(0) as u64;
+        let rip = self.rip().wrapping_add(len);
+        let _ = GuestRip::write(&mut self.vmcs, rip);
+        // The instruction is done: blocking by STI / MOV SS ends with it.
+        let s = GuestInterruptibilityState::read(&self.vmcs).unwrap_or(0);
+        let _ = GuestInterruptibilityState::write(&mut self.vmcs, s & !3);
+    }
+    fn cr(&self, n: u8) -> u64 {
+        let v = &self.vmcs;
+        match n {
+            0 => {
+                let real = GuestCr0::read(v).unwrap_or(0);
+                (real & !CR0_OWNED) | (Cr0ReadShadow::read(v).unwrap_or(0) & CR0_OWNED)
+            }
+            3 => GuestCr3::read(v).unwrap_or(0),
+            4 => {
+                let real = GuestCr4::read(v).unwrap_or(0);
+                (real & !CR4_OWNED) | (Cr4ReadShadow::read(v).unwrap_or(0) & CR4_OWNED)
+            }
+            _ => 0,
+        }
+    }
+    fn set_cr(&mut self, n: u8, val: u64) -> Result<(), platform::lapic::GpFault> {
+        use platform::lapic::GpFault;
+        let cr4 = self.cr(4);
+        let v = &mut self.vmcs;
+        match n {
+            0 => {
+                if val >> 32 != 0 {
+                    return Err(GpFault);
+                }
+                let old_efer = GuestIa32Efer::read(v).unwrap_or(0);
+                let efer = platform::paging_transition(val, cr4, old_efer)?;
+                // PAE paging outside long mode would need the PDPTE fields: not offered.
+                if val & platform::CR0_PG != 0 && cr4 & platform::CR4_PAE != 0 && efer & platform::EFER_LMA == 0 {
+                    return Err(GpFault);
+                }
+                let fixed0 = vmx::capability(IA32_VMX_CR0_FIXED0) & !(platform::CR0_PE | platform::CR0_PG);
+                let _ = GuestCr0::write(v, val | CR0_ET | CR0_NE | fixed0);
+                let _ = Cr0ReadShadow::write(v, val);
+                let _ = GuestIa32Efer::write(v, efer);
+                let entry = EntryControls::read(v).unwrap_or(0);
+                let entry = if efer & platform::EFER_LMA != 0 { entry | ENTRY_IA32E } else { entry & !ENTRY_IA32E };
+                let _ = EntryControls::write(v, entry);
+                Ok(())
+            }
+            3 => {
+                let _ = GuestCr3::write(v, val);
+                Ok(())
+            }
+            4 => {
+                if val & CR4_VMXE != 0 {
+                    return Err(GpFault);
+                }
+                let lma = GuestIa32Efer::read(v).unwrap_or(0) & platform::EFER_LMA != 0;
+                if lma && val & platform::CR4_PAE == 0 {
+                    return Err(GpFault);
+                }
+                let real = Self::cr4_fixed(val).ok_or(GpFault)?;
+                let _ = GuestCr4::write(v, real);
+                let _ = Cr4ReadShadow::write(v, val);
+                Ok(())
+            }
+            _ => Err(GpFault),
+        }
+    }
+    fn msr(&self, m: CpuMsr) -> u64 {
+        let v = &self.vmcs;
+        let r = match m {
+            CpuMsr::Efer => GuestIa32Efer::read(v),
+            CpuMsr::FsBase => GuestFsBase::read(v),
+            CpuMsr::GsBase => GuestGsBase::read(v),
+            CpuMsr::SysenterCs => GuestIa32SysenterCs::read(v).map(|x| x as u64),
+            CpuMsr::SysenterEsp => GuestIa32SysenterEsp::read(v),
+            CpuMsr::SysenterEip => GuestIa32SysenterEip::read(v),
+        };
+        r.unwrap_or(0)
+    }
+    fn set_msr(&mut self, m: CpuMsr, val: u64) {
+        let v = &mut self.vmcs;
+        let _ = match m {
+            CpuMsr::Efer => GuestIa32Efer::write(v, val),
+            CpuMsr::FsBase => GuestFsBase::write(v, val),
+            CpuMsr::GsBase => GuestGsBase::write(v, val),
+            CpuMsr::SysenterCs => GuestIa32SysenterCs::write(v, val as u32),
+            CpuMsr::SysenterEsp => GuestIa32SysenterEsp::write(v, val),
+            CpuMsr::SysenterEip => GuestIa32SysenterEip::write(v, val),
+        };
+    }
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
+        let v = &mut self.vmcs;
+        let mut info = INTR_VALID | INTR_TYPE_HW_EXC | vector as u32;
+        if let Some(c) = error_code {
+            info |= INTR_ERROR_CODE;
+            let _ = EntryExceptionErrorCode::write(v, c);
+        }
+        let _ = EntryInterruptionInfo::write(v, info);
+    }
+    fn host_cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+        [r.eax, r.ebx, r.ecx, r.edx]
+    }
+    fn tsc(&self) -> u64 {
+        time::rdtsc()
+    }
+}
+
+/// An HVM domain's state beside the generic `Domain`.
+pub struct HvmDomain {
+    vcpu: VmxVcpu,
+    ept: Ept<EptFrames>,
+    pub platform: Platform,
+}
+
+/// EPT table frames come from the frame allocator, reached through the
+/// identity mapping; they are freed when the domain ends.
+pub struct EptFrames;
+
+impl TableMemory for EptFrames {
+    fn alloc_table(&mut self) -> Option<u64> {
+        let f = mm::alloc_frame()?;
+        // SAFETY: a fresh frame of ours, identity-mapped.
+        unsafe { core::ptr::write_bytes(f.addr() as *mut u8, 0, 4096) };
+        Some(f.addr())
+    }
+    fn table(&mut self, pa: u64) -> &mut [u64; 512] {
+        // SAFETY: `pa` is an EPT table frame this domain allocated (identity-mapped).
+        unsafe { &mut *(pa as *mut [u64; 512]) }
+    }
+}
+
+fn free_ept(ept: &Ept<EptFrames>) {
+    vmx::invept_all();
+    for t in ept.table_frames() {
+        if let Err(e) = mm::free_frame(microhv_core::frame::Mfn(t >> 12)) {
+            log::error!("EPT table {t:#x} could not be freed: {e:?}");
+        }
+    }
+}
+
+/// Builds an HVM domain from a multiboot kernel image (a module without the
+/// PV note). Refused, with the reason, when VT-x is not usable.
+pub fn create(hv: &mut Hv, id: DomId, file: &[u8], args: &str) -> Result<usize, String> {
+    let c = Cmdline(args);
+    let name = c.get("name").unwrap_or("hvm").to_string();
+    if let Err(why) = Vmx::available() {
+        return Err(format!("{name}: HVM domain refused: {why}"));
+    }
+    let nr_pages = c.get("mem").and_then(domain::parse_pages).unwrap_or(2048);
+    if !(512..=262_144).contains(&nr_pages) {
+        return Err(format!("{name}: HVM memory must be 2 MiB .. 1 GiB"));
+    }
+    let weight = c.get("weight").and_then(|w| w.parse::<u16>().ok()).unwrap_or(DEFAULT_WEIGHT);
+    let mem_end = (nr_pages - 1) * 4096;
+    let image = loader::parse_multiboot_kernel(file, mem_end).map_err(|e| format!("{name}: not a usable multiboot kernel: {e}"))?;
+    let idx = domain::alloc_domain(hv, id, &name, nr_pages, nr_pages, weight, false)?;
+    let fail = |hv: &mut Hv, why: String| -> Result<usize, String> {
+        domain::end(hv, idx, EndReason::Killed(why.clone()));
+        Err(why)
+    };
+    let frames = hv.domains[idx].p2m.clone();
+    // Copy the segments (the frames are zeroed, so bss needs nothing).
+    let write_guest = |gpa: u64, bytes: &[u8]| {
+        let mut done = 0usize;
+        while done < bytes.len() {
+            let at = gpa + done as u64;
+            let off = (at % 4096) as usize;
+            let n = (4096 - off).min(bytes.len() - done);
+            Identity.write_bytes(frames[(at / 4096) as usize], off, &bytes[done..done + n]);
+            done += n;
+        }
+    };
+    for s in &image.segments {
+        let from = s.file_offset as usize;
+        write_guest(s.gpa, &file[from..from + s.filesz as usize]);
+    }
+    let cmdline = c.get("cmdline").unwrap_or(args);
+    write_guest(loader::MBI_GPA, &loader::multiboot_info(mem_end, cmdline));
+    // The last page is microhv's shared_info for the domain (events for hybrid guests).
+    let d = &mut hv.domains[idx];
+    d.shared_info = frames[nr_pages as usize - 1];
+    d.set_upcall_mask(true);
+    // EPT: guest frame i -> p2m[i], every frame checked to be the domain's.
+    let mfns: Vec<u64> = frames.iter().map(|m| m.0).collect();
+    let mut ept = match Ept::new(EptFrames) {
+        Ok(e) => e,
+        Err(e) => return fail(hv, format!("{name}: no memory for the EPT: {e:?}")),
+    };
+    let owner = Owner::Domain(id);
+    if let Err(e) = ept.map_domain(&mfns, |m| hv.frames.owner(Mfn(m)) == owner) {
+        free_ept(&ept);
+        return fail(hv, format!("{name}: EPT could not be built: {e:?}"));
+    }
+    let tables = ept.table_frames().len();
+    let vcpu = match Vmx::create_vcpu(image.entry, loader::MBI_GPA as u32, ept.eptp()) {
+        Ok(v) => v,
+        Err(e) => {
+            free_ept(&ept);
+            return fail(hv, format!("{name}: VMCS set-up failed: {e}"));
+        }
+    };
+    let tsc_hz = time::tsc_hz();
+    let policy = CpuidPolicy {
+        tsc_khz: (tsc_hz / 1000).min(u32::MAX as u64) as u32,
+        apic_timer_khz: (platform::lapic::TIMER_HZ / 1000) as u32,
+    };
+    let d = &mut hv.domains[idx];
+    d.hvm = Some(Box::new(HvmDomain { vcpu, ept, platform: Platform::new(policy) }));
+    d.building = false;
+    log::info!(
+        "domain {} '{}': HVM (VT-x), {} pages ({} KiB), multiboot kernel entry {:#x} in 32-bit protected mode, EPT with {} tables, weight {weight}",
+        id.0, name, nr_pages, nr_pages * 4, image.entry, tables
+    );
+    hv.sched.add(VcpuId(idx), weight);
+    Ok(idx)
+}
+
+/// Gives back what an HVM domain holds beyond its memory (VMCS, EPT), and
+/// logs its exit counters.
+pub fn destroy(name: &str, h: Box<HvmDomain>) {
+    let HvmDomain { vcpu, ept, platform } = *h;
+    let s = &platform.stats;
+    log::info!(
+        "{name}: {} VM exits (I/O {}, MSR {}, CPUID {}, HLT {}, CR {}, host interrupts {}, VMCALL {}), {} interrupts injected, {} unknown ports, {} refused MSR accesses",
+        s.exits, s.io, s.msr, s.cpuid, s.hlt, s.cr, s.external, s.vmcall, platform.lapic.injected, s.unknown_ports, s.unknown_msrs
+    );
+    Vmx::destroy_vcpu(vcpu);
+    free_ept(&ept);
+}
+
+/// Before an entry: fire the virtual timer, then inject the highest pending
+/// interrupt if the guest can take it, or ask for an exit when it can.
+fn prepare_entry(h: &mut HvmDomain, now: u64) {
+    h.platform.lapic.tick(now);
+    let v = &mut CurrentVmcs;
+    let busy = h.vcpu.reinject.is_some() || EntryInterruptionInfo::read(v).unwrap_or(0) & INTR_VALID != 0;
+    let proc = ProcBasedControls::read(v).unwrap_or(0);
+    let mut window = false;
+    if let Some(vector) = h.platform.lapic.pending() {
+        let rflags = GuestRflags::read(v).unwrap_or(0);
+        let blocked = GuestInterruptibilityState::read(v).unwrap_or(0) & 3 != 0;
+        if !busy && rflags & (1 << 9) != 0 && !blocked {
+            let _ = EntryInterruptionInfo::write(v, INTR_VALID | INTR_TYPE_EXT | vector as u32);
+            h.platform.lapic.ack(vector);
+        } else {
+            window = true;
+        }
+    }
+    let want = if window { proc | PROC_INT_WINDOW } else { proc & !PROC_INT_WINDOW };
+    if want != proc {
+        let _ = ProcBasedControls::write(v, want);
+    }
+}
+
+/// Runs HVM vCPU `idx` until something needs the scheduler: returns true
+/// when the scheduler must pick again (slice over, vCPU blocked or ended).
+pub fn run(hv: &mut Hv, idx: usize) -> bool {
+    let now = time::nanos_since_boot();
+    let name = hv.domains[idx].name.clone();
+    let Some(h) = hv.domains[idx].hvm.as_mut() else { return true };
+    if let Err(e) = make_current(h.vcpu.vmcs) {
+        domain::kill(hv, idx, e);
+        return true;
+    }
+    prepare_entry(h, now);
+    let exit = match Vmx::run(&mut h.vcpu) {
+        Ok(e) => e,
+        Err(e) => {
+            domain::kill(hv, idx, e);
+            return true;
+        }
+    };
+    let now = time::nanos_since_boot();
+    let action = if exit == VmExit::ExternalInterrupt {
+        h.platform.stats.exits += 1;
+        h.platform.stats.external += 1;
+        Action::ExternalInterrupt
+    } else {
+        let mut live = Live { regs: &mut h.vcpu.regs, vmcs: CurrentVmcs };
+        platform::handle_exit(&mut live, &mut h.platform, exit, now)
+    };
+    let out = core::mem::take(&mut h.platform.output);
+    let notes = core::mem::take(&mut h.platform.notes);
+    let deadline = h.platform.lapic.deadline();
+    let d = &mut hv.domains[idx];
+    d.vcpu.timer_deadline = deadline;
+    if !out.is_empty() {
+        domain::console_write(d, &out);
+    }
+    for n in notes {
+        log::warn!("{name}: {n}");
+    }
+    match action {
+        Action::Resume | Action::InterruptWindow => false,
+        Action::ExternalInterrupt => {
+            let info = ExitInterruptionInfo::read(&CurrentVmcs).unwrap_or(0);
+            let vector = info as u8;
+            if vector != apic::SPURIOUS_VECTOR {
+                apic::eoi();
+            }
+            vector == apic::TIMER_VECTOR && now >= hv.slice_end
+        }
+        Action::Preempted => true,
+        Action::Halt => {
+            let Some(h) = hv.domains[idx].hvm.as_mut() else { return true };
+            h.platform.lapic.tick(now);
+            if h.platform.lapic.pending().is_some() {
+                return false;
+            }
+            let rflags = GuestRflags::read(&CurrentVmcs).unwrap_or(0);
+            if rflags & (1 << 9) == 0 {
+                domain::kill(hv, idx, "HLT with interrupts disabled: the vCPU could never wake".into());
+                return true;
+            }
+            hv.sched.block(VcpuId(idx), None);
+            true
+        }
+        Action::Vmcall => {
+            // Hypercalls from HVM guests are not wired yet: -ENOSYS in RAX.
+            if let Some(h) = hv.domains[idx].hvm.as_mut() {
+                h.vcpu.regs.0[0] = shared_abi::Errno::encode(Err(shared_abi::Errno::ENOSYS)) as u64;
+                let mut live = Live { regs: &mut h.vcpu.regs, vmcs: CurrentVmcs };
+                live.skip_instruction();
+            }
+            false
+        }
+        Action::PowerOff(code) => {
+            let reason = if code == 0 { EndReason::Poweroff } else { EndReason::ExitCode(code) };
+            domain::end(hv, idx, reason);
+            true
+        }
+        Action::Kill(why) => {
+            domain::kill(hv, idx, why);
+            true
+        }
+    }
+}
