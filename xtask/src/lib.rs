@@ -490,6 +490,8 @@ mod tests {
 
 /// The module line of the HVM demo DomU.
 pub const HVM_DEMO_MODULE: &str = "domu-hvm.elf name=hvm1 boot mem=8M";
+/// The same image as a hybrid guest (VMCALL console, event channels).
+pub const PVHVM_DEMO_MODULE: &str = "domu-hvm.elf name=hvm2 boot mem=8M pvhvm";
 
 /// Debian packages for the Bochs path (VT-x lives only there on our machines).
 pub const BOCHS_PACKAGES: &[(&str, &str)] = &[
@@ -518,21 +520,32 @@ pub struct BochsRun {
     pub cmdline: String,
     pub timeout: Duration,
     pub echo: bool,
+    /// Working directory (ISO, bochsrc, serial log) under the image directory.
+    pub dir_name: String,
 }
 
 impl BochsRun {
-    /// The QEMU demo plus one HVM DomU (`domu-hvm.elf`, built by microhv at
-    /// boot: `boot` on its line), next to Dom0 so it gets domain id 1.
+    /// The QEMU demo plus the HVM DomU and its hybrid (PVHVM) twin
+    /// (`domu-hvm.elf`, built by microhv at boot: `boot` on their lines),
+    /// next to Dom0 so they get domain ids 1 and 2.
     pub fn new(images: &Images) -> BochsRun {
         let mut modules = QemuRun::new(images).modules;
         modules.insert(1, HVM_DEMO_MODULE.into());
-        BochsRun { images: images.clone(), modules, cmdline: String::new(), timeout: Duration::from_secs(300), echo: false }
+        modules.insert(2, PVHVM_DEMO_MODULE.into());
+        BochsRun {
+            images: images.clone(),
+            modules,
+            cmdline: String::new(),
+            timeout: Duration::from_secs(300),
+            echo: false,
+            dir_name: "bochs".into(),
+        }
     }
 
     /// Builds the ISO and boots it; the outcome comes from the serial output
     /// (Bochs exits with status 1 both on shutdown and on a panic).
     pub fn run(&self) -> Result<RunResult> {
-        let dir = self.images.dir.join("bochs");
+        let dir = self.images.dir.join(&self.dir_name);
         let iso_root = dir.join("iso");
         let boot = iso_root.join("boot");
         std::fs::create_dir_all(boot.join("grub"))?;

@@ -5,6 +5,11 @@
 //! MSRs and ports), writes and reads back memory, and powers off through
 //! port 0xf4. It knows nothing of hypercalls.
 //!
+//! `pvhvm` on the command line makes it a hybrid (PVHVM) guest: its console
+//! goes through VMCALL `console_write`, and it sleeps with `set_timer` and
+//! the `VIRQ_TIMER` event channel, whose upcalls microhv injects as a vector
+//! ([`pvhvm`]).
+//!
 //! `attack=<name>` on the command line makes it a hostile guest instead
 //! (see [`attack`]); microhv must end it or refuse it, and the others go on.
 
@@ -170,6 +175,11 @@ static INTERRUPTS: AtomicU64 = AtomicU64::new(0);
 static EXPECT_GP: AtomicBool = AtomicBool::new(false);
 static GOT_GP: AtomicBool = AtomicBool::new(false);
 static TSC_KHZ: AtomicU64 = AtomicU64::new(1);
+/// Hybrid mode: console through VMCALL, events on `EVTCHN_VECTOR`.
+static PVHVM: AtomicBool = AtomicBool::new(false);
+static EVTCHN_VECTOR: AtomicU64 = AtomicU64::new(0);
+static SHARED_INFO: AtomicU64 = AtomicU64::new(0);
+static EVENTS: AtomicU64 = AtomicU64::new(0);
 
 fn outb(port: u16, v: u8) {
     // SAFETY: port I/O to the platform's devices; in this guest every port
@@ -237,6 +247,11 @@ impl Uart {
 
 impl Write for Uart {
     fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        if PVHVM.load(Ordering::Relaxed) {
+            // SAFETY: console_write reads `s` (guest-physical = virtual here).
+            let _ = unsafe { vmcall(shared_abi::hypercall::nr::CONSOLE_WRITE, [s.as_ptr() as u64, s.len() as u64, 0]) };
+            return Ok(());
+        }
         for b in s.bytes() {
             if b == b'\n' {
                 Uart::put(b'\r');
@@ -302,6 +317,9 @@ extern "C" fn hvm_interrupt(f: &mut Frame) {
             INTERRUPTS.fetch_add(1, Ordering::Relaxed);
             if v == TIMER_VECTOR as u64 {
                 TICKS.fetch_add(1, Ordering::SeqCst);
+            }
+            if v == EVTCHN_VECTOR.load(Ordering::Relaxed) && v != 0 {
+                take_events();
             }
             wrmsr(MSR_EOI, 0);
         }
@@ -391,26 +409,35 @@ extern "C" fn hvm_main(magic: u32, mbi: u32) -> ! {
     let timing = cpuid(0x4000_0010);
     TSC_KHZ.store((timing[0] as u64).max(1), Ordering::Relaxed);
     let leaf1 = cpuid(1);
+    // The local APIC: enable it, timer divide by 1.
+    wrmsr(MSR_SVR, 0x1ff);
+    wrmsr(MSR_TIMER_DIVIDE, 0b1011);
+    // Like the PV DomUs, which wait for Dom0's store: let Dom0's start-up
+    // (building DomUs in hypercalls that are not preemptible) pass before
+    // timing anything. `settle=0` skips it.
+    let settle: u64 = arg(cmd, "settle").and_then(|s| s.parse().ok()).unwrap_or(1000);
+    if settle > 0 {
+        one_shot(settle * 1_000_000);
+        wait_ticks(1);
+    }
     println!(
-        "{name} up: HVM guest (multiboot magic {}), {} KiB above 1 MiB, hypervisor {:?}, VMX {}, x2APIC {}, TSC {} kHz, APIC timer {} kHz, cmdline {:?}",
+        "{name} up: HVM guest, multiboot {}, {} KiB above 1 MiB, hypervisor {:?}, VMX {}, x2APIC {}, cmdline {:?}",
         if magic == 0x2BAD_B002 { "ok" } else { "BAD" },
         mem_upper_kib(mbi),
         core::str::from_utf8(&vendor).unwrap_or("?"),
         if leaf1[2] & (1 << 5) != 0 { "visible" } else { "hidden" },
         if leaf1[2] & (1 << 21) != 0 { "yes" } else { "no" },
-        timing[0],
-        timing[1],
         cmd
     );
     if timing[1] != 100_000 || leaf1[2] & (1 << 21) == 0 {
         println!("unexpected platform (APIC timer rate or no x2APIC); powering off with code 2");
         power_off(2);
     }
-    // The local APIC: enable it, timer divide by 1.
-    wrmsr(MSR_SVR, 0x1ff);
-    wrmsr(MSR_TIMER_DIVIDE, 0b1011);
     if let Some(a) = arg(cmd, "attack") {
         attack(name, a);
+    }
+    if cmd.split_ascii_whitespace().any(|w| w == "pvhvm") {
+        pvhvm(name);
     }
     timers(name);
     periodic();
@@ -545,6 +572,127 @@ fn attack(name: &str, which: &str) {
     }
     power_off(4)
 }
+
+/// VMCALL with the PV calling convention: number in RAX, arguments in
+/// RDI, RSI, RDX; the result (>= 0, or a negative errno) in RAX.
+///
+/// # Safety
+/// Pointer arguments must point at memory of ours for the call's length.
+unsafe fn vmcall(nr: u64, a: [u64; 3]) -> i64 {
+    let r: u64;
+    // SAFETY: VMCALL exits to microhv, which only touches our memory as the
+    // caller promised.
+    unsafe { asm!("vmcall", inlateout("rax") nr => r, in("rdi") a[0], in("rsi") a[1], in("rdx") a[2], in("r10") 0, in("r8") 0) };
+    r as i64
+}
+
+fn vcpu0() -> *mut shared_abi::shared_info::VcpuInfo {
+    SHARED_INFO.load(Ordering::Relaxed) as *mut shared_abi::shared_info::VcpuInfo
+}
+
+/// System time (ns since microhv booted) from the shared_info time record.
+fn system_ns() -> u64 {
+    // SAFETY: shared_info is our last page (identity-mapped); microhv
+    // writes the record before we start and only reads it after.
+    let t = unsafe { core::ptr::addr_of!((*vcpu0()).time).read_volatile() };
+    t.ns_at(rdtsc())
+}
+
+/// The upcall: clear the pending flags and count the events.
+fn take_events() {
+    use shared_abi::shared_info::SharedInfo;
+    let si = SHARED_INFO.load(Ordering::Relaxed) as *mut SharedInfo;
+    // SAFETY: our shared_info page; microhv sets bits, we clear them, each
+    // word with a single atomic operation.
+    unsafe {
+        core::ptr::addr_of_mut!((*si).vcpu_info[0].evtchn_upcall_pending).write_volatile(0);
+        let sel = &*(core::ptr::addr_of_mut!((*si).vcpu_info[0].evtchn_pending_sel) as *const AtomicU64);
+        let words = sel.swap(0, Ordering::SeqCst);
+        for w in 0..64 {
+            if words & (1 << w) == 0 {
+                continue;
+            }
+            let pending = &*(core::ptr::addr_of_mut!((*si).evtchn_pending[w]) as *const AtomicU64);
+            let mask = core::ptr::addr_of!((*si).evtchn_mask[w]).read_volatile();
+            let mine = pending.fetch_and(mask, Ordering::SeqCst) & !mask;
+            EVENTS.fetch_add(mine.count_ones() as u64, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The hybrid flavour: console through VMCALL, sleeps through set_timer
+/// and the VIRQ_TIMER event channel, upcalls as an injected vector.
+fn pvhvm(name: &str) -> ! {
+    use shared_abi::hypercall::{nr, SHUTDOWN_POWEROFF, VIRQ_TIMER};
+    let leaf = cpuid(0x4000_0001);
+    EVTCHN_VECTOR.store(leaf[1] as u64, Ordering::Relaxed);
+    SHARED_INFO.store((leaf[2] as u64) << 12, Ordering::Relaxed);
+    PVHVM.store(true, Ordering::Relaxed);
+    let abi = unsafe { vmcall(nr::VERSION, [0, 0, 0]) };
+    println!(
+        "{name} up (PVHVM): ABI {}.{} through VMCALL, console_write, event upcalls on vector {:#x}, shared_info at gfn {:#x}",
+        abi >> 16, abi & 0xffff, leaf[1], leaf[2]
+    );
+    // SAFETY: no pointer arguments.
+    let port = unsafe { vmcall(nr::EVTCHN_BIND_VIRQ, [VIRQ_TIMER, 0, 0]) };
+    // SAFETY: no pointer arguments.
+    let unmask = unsafe { vmcall(nr::EVTCHN_UNMASK, [port as u64, 0, 0]) };
+    if port < 0 || unmask < 0 {
+        println!("binding VIRQ_TIMER failed: {port} {unmask}");
+        power_off(2);
+    }
+    // SAFETY: interrupts on from here: upcalls arrive as the vector.
+    unsafe { asm!("sti") };
+    let base = if name.ends_with('2') { 30 } else { 20 };
+    for ms in [base, base * 2, base * 5] {
+        let asked = ms * 1_000_000;
+        let before = EVENTS.load(Ordering::SeqCst);
+        let t0 = system_ns();
+        // SAFETY: no pointer arguments.
+        let _ = unsafe { vmcall(nr::SET_TIMER, [t0 + asked, 0, 0]) };
+        while EVENTS.load(Ordering::SeqCst) == before {
+            // SAFETY: no pointer arguments.
+            let _ = unsafe { vmcall(nr::SCHED_BLOCK, [0, 0, 0]) };
+        }
+        let took = system_ns() - t0;
+        let (m, f) = ms_parts(took);
+        let e = error_permille(asked, took);
+        println!(
+            "sleep {ms} ms (set_timer, VIRQ_TIMER event on vector {:#x}, port {port}): measured {m}.{f:03} ms, error {}{}.{}% {}",
+            leaf[1],
+            if e < 0 { "-" } else { "+" },
+            e.unsigned_abs() / 10,
+            e.unsigned_abs() % 10,
+            if within(asked, took, 10) { "ok" } else { "OUT OF TOLERANCE" }
+        );
+    }
+    // What the table does not allow an HVM guest.
+    // SAFETY: no pointer arguments.
+    let list = unsafe { vmcall(nr::DOMCTL_LIST, [0, 0, 0]) };
+    // SAFETY: no pointer arguments.
+    let mmu = unsafe { vmcall(nr::MMU_UPDATE, [0, 0, 0]) };
+    println!("VMCALL refusals: domctl_list -> {list}, mmu_update -> {mmu} (PV-only or privileged)");
+    memory(name);
+    println!("done: {} events handled; shutting down", EVENTS.load(Ordering::SeqCst));
+    // SAFETY: no pointer arguments.
+    let _ = unsafe { vmcall(nr::SCHED_SHUTDOWN, [SHUTDOWN_POWEROFF, 0, 0]) };
+    power_off(6)
+}
+
+/// shared-abi links `alloc`; this guest never allocates, so every request fails.
+struct NoHeap;
+
+// SAFETY: `alloc` always returns null (allocation failure), which callers
+// must handle; `dealloc` is never reached because nothing was allocated.
+unsafe impl core::alloc::GlobalAlloc for NoHeap {
+    unsafe fn alloc(&self, _layout: core::alloc::Layout) -> *mut u8 {
+        core::ptr::null_mut()
+    }
+    unsafe fn dealloc(&self, _ptr: *mut u8, _layout: core::alloc::Layout) {}
+}
+
+#[global_allocator]
+static HEAP: NoHeap = NoHeap;
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {

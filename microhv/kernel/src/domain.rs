@@ -178,7 +178,7 @@ impl Domain {
         true
     }
 
-    fn write_time_record(&self) {
+    pub fn write_time_record(&self) {
         let (mul, shift) = tsc_scale(time::tsc_hz());
         let mut rec = [0u8; 32];
         rec[0..4].copy_from_slice(&2u32.to_le_bytes());
@@ -676,6 +676,10 @@ pub fn raise(hv: &mut Hv, idx: usize, port: u32) {
         return;
     }
     if d.raise_port(port) {
+        // HVM guests get the upcall as an injected vector.
+        if let Some(h) = d.hvm.as_mut() {
+            h.platform.lapic.raise(microhv_core::hvm::EVTCHN_VECTOR);
+        }
         // A vCPU sleeping in sched_poll returns 1 ("woken by an event"). Only
         // then: its saved RAX is live guest state at any other time.
         let blocked = matches!(hv.sched.state(VcpuId(idx)), Some(microhv_core::sched::RunState::Blocked { .. }));
@@ -703,6 +707,9 @@ pub fn unmask(hv: &mut Hv, idx: usize, port: u32) {
         let sel = si_u64(d.shared_info, OFF_SEL);
         si_set_u64(d.shared_info, OFF_SEL, sel | (1 << w));
         si_set_u8(d.shared_info, OFF_PENDING, 1);
+        if let Some(h) = hv.domains[idx].hvm.as_mut() {
+            h.platform.lapic.raise(microhv_core::hvm::EVTCHN_VECTOR);
+        }
         hv.sched.wake(VcpuId(idx));
     }
 }
@@ -734,7 +741,7 @@ pub fn end(hv: &mut Hv, idx: usize, reason: EndReason) {
     }
     flush_console(&mut hv.domains[idx]);
     if let Some(h) = hv.domains[idx].hvm.take() {
-        crate::hvm::destroy(&hv.domains[idx].name, h);
+        crate::hvm::destroy(&mut hv.domains[idx], h);
     }
     let id = hv.domains[idx].id;
     // Order: page tables first (which reports the grant mappings it drops),
@@ -813,7 +820,12 @@ fn fire_timers(hv: &mut Hv, now: u64) {
             if t <= now {
                 d.vcpu.timer_deadline = None;
                 log::debug!("timer of {} fired {} us late", d.name, (now - t) / 1000);
-                send_virq(hv, i, shared_abi::hypercall::VIRQ_TIMER);
+                if d.hvm.is_some() {
+                    // HVM: wake it; its next entry sorts out which timer fired.
+                    hv.sched.wake(VcpuId(i));
+                } else {
+                    send_virq(hv, i, shared_abi::hypercall::VIRQ_TIMER);
+                }
             }
         }
     }
@@ -850,6 +862,10 @@ pub fn schedule(frame: &mut TrapFrame, mut force: bool) {
                 && now < hv.slice_end
                 && matches!(hv.sched.state(VcpuId(c)), Some(microhv_core::sched::RunState::Runnable))
         });
+        let preempted_by_wake = woke && now < hv.slice_end && !force;
+        if let (None, Some(c), true) = (keep, cur, preempted_by_wake) {
+            hv.sched.preempted(VcpuId(c), hv.slice_end - now);
+        }
         let next = match keep {
             Some(c) => Some(c),
             // Preempted by a wake-up (not at the end of its slice), the current

@@ -503,7 +503,7 @@ impl GuestCpu for Live<'_> {
         let v = &mut self.vmcs;
         match n {
             0 => {
-                if val >> 32 != 0 {
+                if val >> 32 != 0 || (val | CR0_NE | CR0_ET) & !vmx::capability(IA32_VMX_CR0_FIXED1) != 0 {
                     return Err(GpFault);
                 }
                 let old_efer = GuestIa32Efer::read(v).unwrap_or(0);
@@ -587,7 +587,15 @@ pub struct HvmDomain {
     vcpu: VmxVcpu,
     ept: Ept<EptFrames>,
     pub platform: Platform,
+    /// The `set_timer` deadline of a hybrid guest (VIRQ_TIMER), kept apart
+    /// from the APIC timer; `vcpu.timer_deadline` wakes for the earlier.
+    pv_timer: Option<u64>,
+    /// UART output not yet in the console ring (Dom0 drains the ring).
+    console_pending: Vec<u8>,
 }
+
+/// UART output waiting for Dom0 beyond this is printed by microhv itself.
+const CONSOLE_BACKLOG: usize = 8192;
 
 /// EPT table frames come from the frame allocator, reached through the
 /// identity mapping; they are freed when the domain ends.
@@ -623,6 +631,8 @@ pub fn create(hv: &mut Hv, id: DomId, file: &[u8], args: &str) -> Result<usize, 
     if let Err(why) = Vmx::available() {
         return Err(format!("{name}: HVM domain refused: {why}"));
     }
+    // Guest memory, then two pages outside it (not in the EPT) for the
+    // console and store rings shared with Dom0.
     let nr_pages = c.get("mem").and_then(domain::parse_pages).unwrap_or(2048);
     if !(512..=262_144).contains(&nr_pages) {
         return Err(format!("{name}: HVM memory must be 2 MiB .. 1 GiB"));
@@ -630,7 +640,7 @@ pub fn create(hv: &mut Hv, id: DomId, file: &[u8], args: &str) -> Result<usize, 
     let weight = c.get("weight").and_then(|w| w.parse::<u16>().ok()).unwrap_or(DEFAULT_WEIGHT);
     let mem_end = (nr_pages - 1) * 4096;
     let image = loader::parse_multiboot_kernel(file, mem_end).map_err(|e| format!("{name}: not a usable multiboot kernel: {e}"))?;
-    let idx = domain::alloc_domain(hv, id, &name, nr_pages, nr_pages, weight, false)?;
+    let idx = domain::alloc_domain(hv, id, &name, nr_pages + 2, nr_pages + 2, weight, false)?;
     let fail = |hv: &mut Hv, why: String| -> Result<usize, String> {
         domain::end(hv, idx, EndReason::Killed(why.clone()));
         Err(why)
@@ -656,9 +666,14 @@ pub fn create(hv: &mut Hv, id: DomId, file: &[u8], args: &str) -> Result<usize, 
     // The last page is microhv's shared_info for the domain (events for hybrid guests).
     let d = &mut hv.domains[idx];
     d.shared_info = frames[nr_pages as usize - 1];
-    d.set_upcall_mask(true);
+    d.write_time_record();
+    // Ports start masked, as for PV guests; upcalls come as a vector.
+    let mask = core::mem::offset_of!(shared_abi::shared_info::SharedInfo, evtchn_mask);
+    for w in 0..shared_abi::shared_info::EVTCHN_PORTS / 64 {
+        Identity.write_u64(d.shared_info, mask / 8 + w, u64::MAX);
+    }
     // EPT: guest frame i -> p2m[i], every frame checked to be the domain's.
-    let mfns: Vec<u64> = frames.iter().map(|m| m.0).collect();
+    let mfns: Vec<u64> = frames[..nr_pages as usize].iter().map(|m| m.0).collect();
     let mut ept = match Ept::new(EptFrames) {
         Ok(e) => e,
         Err(e) => return fail(hv, format!("{name}: no memory for the EPT: {e:?}")),
@@ -680,10 +695,19 @@ pub fn create(hv: &mut Hv, id: DomId, file: &[u8], args: &str) -> Result<usize, 
     let policy = CpuidPolicy {
         tsc_khz: (tsc_hz / 1000).min(u32::MAX as u64) as u32,
         apic_timer_khz: (platform::lapic::TIMER_HZ / 1000) as u32,
+        evtchn_vector: platform::EVTCHN_VECTOR,
+        shared_info_gfn: (nr_pages - 1) as u32,
     };
     let d = &mut hv.domains[idx];
-    d.hvm = Some(Box::new(HvmDomain { vcpu, ept, platform: Platform::new(policy) }));
-    d.building = false;
+    d.hvm = Some(Box::new(HvmDomain { vcpu, ept, platform: Platform::new(policy), pv_timer: None, console_pending: Vec::new() }));
+    // The UART's output goes to Dom0's console backend like a PV DomU's
+    // console ring (microhv is the ring's producer), so its lines come out
+    // whole, as `[name] ...`; without Dom0 microhv prints them itself.
+    match offer_console(hv, id, frames[nr_pages as usize], frames[nr_pages as usize + 1]) {
+        Ok(c) => hv.domains[idx].channels = Some(c),
+        Err(e) => log::warn!("{name}: no console ring for dom0 ({e:?}); the UART prints through microhv"),
+    }
+    hv.domains[idx].building = false;
     log::info!(
         "domain {} '{}': HVM (VT-x), {} pages ({} KiB), multiboot kernel entry {:#x} in 32-bit protected mode, EPT with {} tables, weight {weight}",
         id.0, name, nr_pages, nr_pages * 4, image.entry, tables
@@ -692,10 +716,63 @@ pub fn create(hv: &mut Hv, id: DomId, file: &[u8], args: &str) -> Result<usize, 
     Ok(idx)
 }
 
+/// Console and store pages for Dom0's backends (as `offer_channels` does
+/// for PV DomUs): granted to Dom0, each with an unbound port for it.
+fn offer_console(hv: &mut Hv, id: DomId, console: Mfn, store: Mfn) -> Result<shared_abi::hypercall::DomainChannels, shared_abi::Errno> {
+    for f in [console, store] {
+        shared_abi::console::init(&mut domain::FramePage(f));
+    }
+    let dom0 = DomId::DOM0;
+    let console_gref = hv.grants.grant(id, dom0, console, false)?;
+    let store_gref = hv.grants.grant(id, dom0, store, false)?;
+    let console_port = hv.evtchn.alloc_unbound(id, dom0)?;
+    let store_port = hv.evtchn.alloc_unbound(id, dom0)?;
+    Ok(shared_abi::hypercall::DomainChannels { console_gref, console_port, store_gref, store_port })
+}
+
+/// Moves UART output into the console ring and tells Dom0; prints it
+/// directly while Dom0's backend is not connected (its port not bound yet),
+/// and when the backlog grows too long.
+fn console_out(hv: &mut Hv, idx: usize, bytes: &[u8]) {
+    let d = &mut hv.domains[idx];
+    let Some(h) = d.hvm.as_mut() else { return };
+    h.console_pending.extend_from_slice(bytes);
+    let id = d.id;
+    let connected = d.channels.is_some_and(|ch| {
+        matches!(hv.evtchn.status(id, ch.console_port), Ok(microhv_core::evtchn::ChannelState::Interdomain { .. }))
+    });
+    let d = &mut hv.domains[idx];
+    let Some(h) = d.hvm.as_mut() else { return };
+    let (Some(ch), true) = (d.channels, connected) else {
+        let out = core::mem::take(&mut h.console_pending);
+        domain::console_write(d, &out);
+        return;
+    };
+    let console = d.p2m[d.p2m.len() - 2];
+    let n = shared_abi::console::write_out(&mut domain::FramePage(console), &h.console_pending);
+    h.console_pending.drain(..n);
+    if h.console_pending.len() > CONSOLE_BACKLOG {
+        let out = core::mem::take(&mut h.console_pending);
+        domain::console_write(d, &out);
+    }
+    if n > 0 {
+        let id = d.id;
+        if let Ok((rd, rp)) = hv.evtchn.send(id, ch.console_port) {
+            if let Some(r) = domain::index_of(hv, rd) {
+                domain::raise(hv, r, rp);
+            }
+        }
+    }
+}
+
 /// Gives back what an HVM domain holds beyond its memory (VMCS, EPT), and
 /// logs its exit counters.
-pub fn destroy(name: &str, h: Box<HvmDomain>) {
-    let HvmDomain { vcpu, ept, platform } = *h;
+pub fn destroy(d: &mut domain::Domain, h: Box<HvmDomain>) {
+    let HvmDomain { vcpu, ept, platform, console_pending, .. } = *h;
+    if !console_pending.is_empty() {
+        domain::console_write(d, &console_pending);
+    }
+    let name = &d.name;
     let s = &platform.stats;
     log::info!(
         "{name}: {} VM exits (I/O {}, MSR {}, CPUID {}, HLT {}, CR {}, host interrupts {}, VMCALL {}), {} interrupts injected, {} unknown ports, {} refused MSR accesses",
@@ -703,6 +780,95 @@ pub fn destroy(name: &str, h: Box<HvmDomain>) {
     );
     Vmx::destroy_vcpu(vcpu);
     free_ept(&ept);
+}
+
+/// VMCALL: the same table and handlers as PV hypercalls, limited to the
+/// table's HVM column. Number in RAX, arguments in RDI, RSI, RDX, R10, R8,
+/// result in RAX; pointers are guest-physical addresses. Returns true when
+/// the scheduler must pick again.
+fn vmcall(hv: &mut Hv, idx: usize) -> bool {
+    use crate::hypercall::{dispatch, Outcome};
+    use shared_abi::hypercall::{check_access, Call, GuestKind, CONSOLE_WRITE_MAX};
+    use shared_abi::Errno;
+    let Some(h) = hv.domains[idx].hvm.as_mut() else { return true };
+    let r = h.vcpu.regs.0;
+    // The call returns after the VMCALL instruction whatever happens.
+    Live { regs: &mut h.vcpu.regs, vmcs: CurrentVmcs }.skip_instruction();
+    let nr = r[0];
+    let call = check_access(nr, GuestKind::Hvm, false).and_then(|_| Call::decode(nr, [r[7], r[6], r[2], r[10], r[8]]));
+    let out = match call {
+        Err(e) => Outcome::Ret(Err(e)),
+        Ok(Call::ConsoleWrite { buf, len }) => Outcome::Ret(if len > CONSOLE_WRITE_MAX {
+            Err(Errno::EINVAL)
+        } else {
+            let mut bytes = alloc::vec![0u8; len as usize];
+            // The guest's memory only: its pages before the shared_info page.
+            let nr = hv.domains[idx].p2m.len().saturating_sub(2);
+            read_guest_phys(&hv.domains[idx].p2m[..nr], buf.0, &mut bytes).map(|_| {
+                // Same path as the UART: Dom0's console ring.
+                console_out(hv, idx, &bytes);
+                len
+            })
+        }),
+        // Calls without guest pointers run the PV handlers unchanged.
+        Ok(
+            c @ (Call::Version { .. }
+            | Call::SchedYield {}
+            | Call::SchedBlock {}
+            | Call::SchedShutdown { .. }
+            | Call::SetTimer { .. }
+            | Call::EvtchnBindVirq { .. }
+            | Call::EvtchnAllocUnbound { .. }
+            | Call::EvtchnBindInterdomain { .. }
+            | Call::EvtchnSend { .. }
+            | Call::EvtchnClose { .. }
+            | Call::EvtchnUnmask { .. }
+            | Call::GrantEnd { .. }),
+        ) => dispatch(hv, idx, c),
+        // The rest of the HVM column (guest-memory arguments, polling) is
+        // not offered to HVM guests yet.
+        Ok(_) => Outcome::Ret(Err(Errno::ENOSYS)),
+    };
+    if let Ok(Call::SetTimer { deadline_ns }) = call {
+        if let Some(h) = hv.domains[idx].hvm.as_mut() {
+            h.pv_timer = (deadline_ns != 0).then_some(deadline_ns);
+        }
+    }
+    let mirror = hv.domains[idx].hvm.as_ref().and_then(|h| [h.platform.lapic.deadline(), h.pv_timer].into_iter().flatten().min());
+    hv.domains[idx].vcpu.timer_deadline = mirror;
+    let (ret, resched) = match out {
+        Outcome::Ret(v) => (v, false),
+        Outcome::Reschedule(v) => (v, true),
+        Outcome::Resumed => return true,
+    };
+    if let Err(e) = ret {
+        log::debug!("{}: VMCALL {nr} -> {e:?}", hv.domains[idx].name);
+    }
+    match hv.domains[idx].hvm.as_mut() {
+        Some(h) => {
+            h.vcpu.regs.0[0] = Errno::encode(ret) as u64;
+            resched
+        }
+        // The call ended the domain.
+        None => true,
+    }
+}
+
+/// Copies guest-physical memory of a domain (through its p2m) into `buf`.
+fn read_guest_phys(p2m: &[Mfn], gpa: u64, buf: &mut [u8]) -> Result<(), shared_abi::Errno> {
+    let end = gpa.checked_add(buf.len() as u64).ok_or(shared_abi::Errno::EFAULT)?;
+    if end > p2m.len() as u64 * 4096 {
+        return Err(shared_abi::Errno::EFAULT);
+    }
+    let mut done = 0usize;
+    while done < buf.len() {
+        let at = gpa + done as u64;
+        let off = (at % 4096) as usize;
+        let n = (4096 - off).min(buf.len() - done);
+        Identity.read_bytes(p2m[(at / 4096) as usize], off, &mut buf[done..done + n]);
+        done += n;
+    }
+    Ok(())
 }
 
 /// Before an entry: fire the virtual timer, then inject the highest pending
@@ -734,6 +900,13 @@ fn prepare_entry(h: &mut HvmDomain, now: u64) {
 pub fn run(hv: &mut Hv, idx: usize) -> bool {
     let now = time::nanos_since_boot();
     let name = hv.domains[idx].name.clone();
+    // A hybrid guest's set_timer deadline: its VIRQ_TIMER event (a vector).
+    if let Some(h) = hv.domains[idx].hvm.as_mut() {
+        if h.pv_timer.is_some_and(|t| t <= now) {
+            h.pv_timer = None;
+            domain::send_virq(hv, idx, shared_abi::hypercall::VIRQ_TIMER);
+        }
+    }
     let Some(h) = hv.domains[idx].hvm.as_mut() else { return true };
     if let Err(e) = make_current(h.vcpu.vmcs) {
         domain::kill(hv, idx, e);
@@ -758,14 +931,14 @@ pub fn run(hv: &mut Hv, idx: usize) -> bool {
     };
     let out = core::mem::take(&mut h.platform.output);
     let notes = core::mem::take(&mut h.platform.notes);
-    let deadline = h.platform.lapic.deadline();
+    let deadline = [h.platform.lapic.deadline(), h.pv_timer].into_iter().flatten().min();
     let d = &mut hv.domains[idx];
     d.vcpu.timer_deadline = deadline;
-    if !out.is_empty() {
-        domain::console_write(d, &out);
-    }
     for n in notes {
         log::warn!("{name}: {n}");
+    }
+    if !out.is_empty() {
+        console_out(hv, idx, &out);
     }
     match action {
         Action::Resume | Action::InterruptWindow => false,
@@ -792,15 +965,7 @@ pub fn run(hv: &mut Hv, idx: usize) -> bool {
             hv.sched.block(VcpuId(idx), None);
             true
         }
-        Action::Vmcall => {
-            // Hypercalls from HVM guests are not wired yet: -ENOSYS in RAX.
-            if let Some(h) = hv.domains[idx].hvm.as_mut() {
-                h.vcpu.regs.0[0] = shared_abi::Errno::encode(Err(shared_abi::Errno::ENOSYS)) as u64;
-                let mut live = Live { regs: &mut h.vcpu.regs, vmcs: CurrentVmcs };
-                live.skip_instruction();
-            }
-            false
-        }
+        Action::Vmcall => vmcall(hv, idx),
         Action::PowerOff(code) => {
             let reason = if code == 0 { EndReason::Poweroff } else { EndReason::ExitCode(code) };
             domain::end(hv, idx, reason);

@@ -13,7 +13,7 @@ use shared_abi::types::{GuestVa, Mfn};
 use shared_abi::{Errno, HYPERVISOR_VA_START};
 
 /// What the dispatcher must do after a handler.
-enum Outcome {
+pub(crate) enum Outcome {
     /// Return the value (or error) in RAX and continue the guest.
     Ret(Result<u64, Errno>),
     /// The handler set the registers itself (iret).
@@ -78,7 +78,7 @@ fn read_u64s(hv: &Hv, cur: usize, va: GuestVa, count: u64) -> Result<alloc::vec:
     Ok(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect())
 }
 
-fn dispatch(hv: &mut Hv, cur: usize, call: Call) -> Outcome {
+pub(crate) fn dispatch(hv: &mut Hv, cur: usize, call: Call) -> Outcome {
     use Outcome::*;
     match call {
         Call::Version { cmd } => Ret(match cmd {

@@ -171,7 +171,7 @@ mod start {
         }
         match crate::vmx::probe() {
             Ok(rev) => log::info!("VT-x: VMXON ok, VMCS revision {rev:#x}, VMCS field round trip ok; HVM domains can run"),
-            Err(why) => log::info!("VT-x: {why}"),
+            Err(why) => log::info!("VT-x: {why}; HVM domains will be refused"),
         }
         if info.module_count == 0 {
             println!("microhv: self-check PASSED; no modules, so no domains; powering off");

@@ -143,7 +143,7 @@ pub fn probe() -> Result<u32, &'static str> {
 
 fn probe_inner() -> Result<u32, &'static str> {
     if !available() {
-        return Err("this CPU has no VMX (QEMU TCG emulates none); HVM domains will be refused");
+        return Err("this CPU has no VMX (QEMU TCG emulates none)");
     }
     // SAFETY: IA32_FEATURE_CONTROL exists on every CPU with VMX; reading it has no side effects.
     let fc = unsafe { Msr::new(IA32_FEATURE_CONTROL).read() };

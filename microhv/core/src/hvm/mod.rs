@@ -27,6 +27,10 @@ use lapic::{GpFault, VLapic};
 use legacy::{Pic, Pit};
 use uart::{Uart16550, COM1_BASE};
 
+/// The vector on which event-channel upcalls reach an HVM guest (reported
+/// in CPUID leaf 0x4000_0001 EBX, with the `shared_info` frame in ECX).
+pub const EVTCHN_VECTOR: u8 = 0xf3;
+
 /// Port where a write ends the guest with that value as its exit code.
 pub const POWEROFF_PORT: u16 = 0xf4;
 /// How many unknown port / MSR accesses are logged (the rest are counted).
