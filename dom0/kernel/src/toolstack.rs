@@ -203,7 +203,7 @@ pub fn create(cfg_module: &Module, modules: &[Module], scratch: &[u64]) -> Resul
         LaunchKind::Pv => {}
         LaunchKind::Hvm => {
             return Err(format!(
-                "{}: {} is not a PV image, and HVM guests are not supported yet",
+                "{}: {} is not a PV image; the toolstack cannot build HVM guests yet (put the image on a boot module line with `boot` and microhv starts it as HVM where VT-x exists)",
                 cfg_module.file, cfg.kernel
             ))
         }

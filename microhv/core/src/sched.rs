@@ -309,7 +309,7 @@ mod tests {
         }
         s.block(waker, None);
         let mut now = 0;
-        let mut slice_end = 0;
+        let mut slice_end;
         let mut cur = match s.pick_next(now, None) {
             Decision::Run { vcpu, slice_ns } => {
                 slice_end = now + slice_ns;
