@@ -628,6 +628,7 @@ fn pvhvm(name: &str) -> ! {
     EVTCHN_VECTOR.store(leaf[1] as u64, Ordering::Relaxed);
     SHARED_INFO.store((leaf[2] as u64) << 12, Ordering::Relaxed);
     PVHVM.store(true, Ordering::Relaxed);
+    // SAFETY: no pointer arguments.
     let abi = unsafe { vmcall(nr::VERSION, [0, 0, 0]) };
     println!(
         "{name} up (PVHVM): ABI {}.{} through VMCALL, console_write, event upcalls on vector {:#x}, shared_info at gfn {:#x}",
