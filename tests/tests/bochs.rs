@@ -28,10 +28,11 @@ fn grub_boots_the_pv_demo_and_hvm_domus_in_bochs() {
             "self-check PASSED",
             "VT-x: VMXON ok, VMCS revision",
             "domain 1 'hvm1': HVM (VT-x), 2048 pages (8192 KiB), multiboot kernel entry",
+            "hvm1: boot module 'domu1.toml for=hvm1' (186 bytes) at guest-physical 0x160000",
             "hvm1: rdmsr of MSR 0x12345678 refused (unknown MSR or bad value): #GP injected",
             "hvm1: read of unknown port 0x2f8 (1 bytes): reads as all ones, writes ignored",
             "domain 1 'hvm1' ended: poweroff",
-            "domain 2 'hvm2' ended: poweroff",
+            "domain 3 'hvm2' ended: poweroff",
             "microhv: summary: 5 domains ran: dom0 poweroff, hvm1 poweroff, hvm2 poweroff, domu1 poweroff, domu2 poweroff; exit success",
         ],
     );
@@ -41,6 +42,8 @@ fn grub_boots_the_pv_demo_and_hvm_domus_in_bochs() {
             // The UART's lines reach Dom0's console backend through a ring,
             // like a PV DomU's, and come out prefixed with the domain's name.
             "hvm1 up: HVM guest, multiboot ok, 7164 KiB above 1 MiB, hypervisor \"microhvmicro\", VMX hidden, x2APIC yes",
+            // A multiboot module loaded after the kernel (`for=hvm1`).
+            "[hvm1] boot module 0: \"domu1.toml for=hvm1\" at 0x160000, 186 bytes, first line \"# DomU 1 of the default demo",
             "sleep 20 ms (APIC timer, HLT): measured",
             "periodic timer: 10 ticks of 5 ms in",
             "platform: unknown MSR raised #GP, unknown port reads 0xff, as documented",
@@ -49,11 +52,11 @@ fn grub_boots_the_pv_demo_and_hvm_domus_in_bochs() {
             "sleep 30 ms (set_timer, VIRQ_TIMER event on vector 0xf3, port 3): measured",
             "VMCALL refusals: domctl_list -> -38, mmu_update -> -38 (PV-only or privileged)",
             "done: 3 events handled; shutting down",
-            "[dom0] console backend: hvm1 disconnected (domain ended): 8 lines",
+            "[dom0] console backend: hvm1 disconnected (domain ended): 9 lines",
             "[dom0] console backend: hvm2 disconnected (domain ended): 8 lines",
-            "[dom0] toolstack: created domu1 (domain 3) from domu1.toml",
-            "pingpong with domain 4 (front end): sent 256, received 256 answers, 0 wrong",
-            "pingpong with domain 3 (back end): served 256 requests",
+            "[dom0] toolstack: created domu1 (domain 4) from domu1.toml",
+            "pingpong with domain 5 (front end): sent 256, received 256 answers, 0 wrong",
+            "pingpong with domain 4 (back end): served 256 requests",
         ],
     );
     // The three sleeps of each HVM guest, in the same words as the PV DomUs'.

@@ -525,13 +525,15 @@ pub struct BochsRun {
 }
 
 impl BochsRun {
-    /// The QEMU demo plus the HVM DomU and its hybrid (PVHVM) twin
-    /// (`domu-hvm.elf`, built by microhv at boot: `boot` on their lines),
-    /// next to Dom0 so they get domain ids 1 and 2.
+    /// The QEMU demo plus the HVM DomU (with a boot module) and its hybrid
+    /// (PVHVM) twin (`domu-hvm.elf`, built by microhv at boot: `boot` on
+    /// their lines), next to Dom0 so they get domain ids 1 and 3.
     pub fn new(images: &Images) -> BochsRun {
         let mut modules = QemuRun::new(images).modules;
         modules.insert(1, HVM_DEMO_MODULE.into());
-        modules.insert(2, PVHVM_DEMO_MODULE.into());
+        // A multiboot module for hvm1 (any file will do: a configuration).
+        modules.insert(2, "domu1.toml for=hvm1".into());
+        modules.insert(3, PVHVM_DEMO_MODULE.into());
         BochsRun {
             images: images.clone(),
             modules,

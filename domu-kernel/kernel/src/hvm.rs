@@ -386,6 +386,34 @@ fn arg<'a>(cmd: &'a str, key: &str) -> Option<&'a str> {
     cmd.split_ascii_whitespace().find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
 }
 
+/// Lists the multiboot modules with the first line of each.
+fn modules(mbi: u64) {
+    // SAFETY: as in `cmdline`: the information page and the modules microhv
+    // loaded lie in our identity-mapped memory; flags bit 3 says the list is valid.
+    unsafe {
+        let flags = (mbi as *const u32).read_volatile();
+        let count = ((mbi + 20) as *const u32).read_volatile() as u64;
+        let list = ((mbi + 24) as *const u32).read_volatile() as u64;
+        if flags & 8 == 0 || count == 0 {
+            return;
+        }
+        for i in 0..count.min(16) {
+            let e = (list + 16 * i) as *const u32;
+            let (start, end, string) = (e.read_volatile() as u64, e.add(1).read_volatile() as u64, e.add(2).read_volatile() as u64);
+            let len = end.saturating_sub(start) as usize;
+            let bytes = core::slice::from_raw_parts(start as *const u8, len);
+            let first = bytes.split(|&b| b == b'\n').next().unwrap_or(&[]);
+            let first = core::str::from_utf8(&first[..first.len().min(48)]).unwrap_or("(binary)");
+            let mut n = 0;
+            while n < 112 && (string as *const u8).add(n).read_volatile() != 0 {
+                n += 1;
+            }
+            let name = core::str::from_utf8(core::slice::from_raw_parts(string as *const u8, n)).unwrap_or("?");
+            println!("boot module {i}: {name:?} at {start:#x}, {len} bytes, first line {first:?}");
+        }
+    }
+}
+
 fn mem_upper_kib(mbi: u64) -> u64 {
     // SAFETY: as in `cmdline`; mem_upper is at offset 8.
     unsafe { ((mbi + 8) as *const u32).read_volatile() as u64 }
@@ -429,6 +457,9 @@ extern "C" fn hvm_main(magic: u32, mbi: u32) -> ! {
         if leaf1[2] & (1 << 21) != 0 { "yes" } else { "no" },
         cmd
     );
+    if magic == 0x2BAD_B002 {
+        modules(mbi);
+    }
     if timing[1] != 100_000 || leaf1[2] & (1 << 21) == 0 {
         println!("unexpected platform (APIC timer rate or no x2APIC); powering off with code 2");
         power_off(2);

@@ -501,6 +501,14 @@ pub fn start(modules: &[(&'static [u8], String)], hv_l4_entry: u64) -> ! {
     let mut last_boot_id = 0u16;
     for (i, (file, args)) in modules.iter().enumerate() {
         let id = DomId(i as u16);
+        // `for=<name>` on a module line: a multiboot module of that HVM guest.
+        if let Some(target) = Cmdline(args).get("for") {
+            if let Err(e) = crate::hvm::add_module(&mut hv, target, file, args) {
+                log::error!("module {i} ({args}): {e}");
+                failed += 1;
+            }
+            continue;
+        }
         // `boot` on a module line: microhv builds that domain itself even
         // when Dom0 runs the toolstack (how HVM guests start today).
         let boot = Cmdline(args).flag("boot");

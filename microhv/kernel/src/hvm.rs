@@ -592,6 +592,15 @@ pub struct HvmDomain {
     pv_timer: Option<u64>,
     /// UART output not yet in the console ring (Dom0 drains the ring).
     console_pending: Vec<u8>,
+    /// What the multiboot information page says, kept to add modules.
+    boot: BootPage,
+}
+
+struct BootPage {
+    mem_end: u64,
+    cmdline: String,
+    next_free: u64,
+    modules: Vec<loader::GuestModule>,
 }
 
 /// UART output waiting for Dom0 beyond this is printed by microhv itself.
@@ -647,22 +656,13 @@ pub fn create(hv: &mut Hv, id: DomId, file: &[u8], args: &str) -> Result<usize, 
     };
     let frames = hv.domains[idx].p2m.clone();
     // Copy the segments (the frames are zeroed, so bss needs nothing).
-    let write_guest = |gpa: u64, bytes: &[u8]| {
-        let mut done = 0usize;
-        while done < bytes.len() {
-            let at = gpa + done as u64;
-            let off = (at % 4096) as usize;
-            let n = (4096 - off).min(bytes.len() - done);
-            Identity.write_bytes(frames[(at / 4096) as usize], off, &bytes[done..done + n]);
-            done += n;
-        }
-    };
     for s in &image.segments {
         let from = s.file_offset as usize;
-        write_guest(s.gpa, &file[from..from + s.filesz as usize]);
+        write_guest_phys(&frames, s.gpa, &file[from..from + s.filesz as usize]);
     }
     let cmdline = c.get("cmdline").unwrap_or(args);
-    write_guest(loader::MBI_GPA, &loader::multiboot_info(mem_end, cmdline));
+    write_guest_phys(&frames, loader::MBI_GPA, &loader::multiboot_info(mem_end, cmdline, &[]));
+    let boot = BootPage { mem_end, cmdline: cmdline.to_string(), next_free: image.end(), modules: Vec::new() };
     // The last page is microhv's shared_info for the domain (events for hybrid guests).
     let d = &mut hv.domains[idx];
     d.shared_info = frames[nr_pages as usize - 1];
@@ -699,7 +699,7 @@ pub fn create(hv: &mut Hv, id: DomId, file: &[u8], args: &str) -> Result<usize, 
         shared_info_gfn: (nr_pages - 1) as u32,
     };
     let d = &mut hv.domains[idx];
-    d.hvm = Some(Box::new(HvmDomain { vcpu, ept, platform: Platform::new(policy), pv_timer: None, console_pending: Vec::new() }));
+    d.hvm = Some(Box::new(HvmDomain { vcpu, ept, platform: Platform::new(policy), pv_timer: None, console_pending: Vec::new(), boot }));
     // The UART's output goes to Dom0's console backend like a PV DomU's
     // console ring (microhv is the ring's producer), so its lines come out
     // whole, as `[name] ...`; without Dom0 microhv prints them itself.
@@ -714,6 +714,44 @@ pub fn create(hv: &mut Hv, id: DomId, file: &[u8], args: &str) -> Result<usize, 
     );
     hv.sched.add(VcpuId(idx), weight);
     Ok(idx)
+}
+
+/// Writes `bytes` at guest-physical `gpa` of a domain whose frames are
+/// `p2m` (the caller checked the range).
+fn write_guest_phys(p2m: &[Mfn], gpa: u64, bytes: &[u8]) {
+    let mut done = 0usize;
+    while done < bytes.len() {
+        let at = gpa + done as u64;
+        let off = (at % 4096) as usize;
+        let n = (4096 - off).min(bytes.len() - done);
+        Identity.write_bytes(p2m[(at / 4096) as usize], off, &bytes[done..done + n]);
+        done += n;
+    }
+}
+
+/// Loads a boot module (`for=<name>` on its line) into the HVM domain
+/// `target`, which has not run yet, after its kernel and earlier modules,
+/// and lists it in the guest's multiboot information.
+pub fn add_module(hv: &mut Hv, target: &str, file: &[u8], args: &str) -> Result<(), String> {
+    let idx = hv
+        .domains
+        .iter()
+        .position(|d| d.name == target && d.ended.is_none() && d.hvm.is_some())
+        .ok_or_else(|| format!("for={target}: no HVM domain of that name (a module must follow its kernel's line)"))?;
+    let d = &mut hv.domains[idx];
+    let Some(h) = d.hvm.as_mut() else { return Err(format!("for={target}: not an HVM domain")) };
+    if h.vcpu.launched || h.boot.modules.len() >= loader::MAX_MODULES {
+        return Err(format!("for={target}: the domain has started or has {} modules already", loader::MAX_MODULES));
+    }
+    let (start, next) = loader::place_module(h.boot.next_free, file.len() as u64, h.boot.mem_end)
+        .map_err(|e| format!("for={target}: the module does not fit in the guest's memory: {e}"))?;
+    write_guest_phys(&d.p2m, start, file);
+    h.boot.next_free = next;
+    h.boot.modules.push(loader::GuestModule { start, end: start + file.len() as u64, cmdline: args.to_string() });
+    let page = loader::multiboot_info(h.boot.mem_end, &h.boot.cmdline, &h.boot.modules);
+    write_guest_phys(&d.p2m, loader::MBI_GPA, &page);
+    log::info!("{target}: boot module '{args}' ({} bytes) at guest-physical {start:#x}", file.len());
+    Ok(())
 }
 
 /// Console and store pages for Dom0's backends (as `offer_channels` does

@@ -5,8 +5,9 @@
 //!
 //! Guest-physical layout: page 0 stays zero; the multiboot information page
 //! is at [`MBI_GPA`]; the kernel loads at its own addresses, which must lie
-//! in `[1 MiB, guest memory end)`; the guest's last page is reserved for
-//! microhv's `shared_info` (marked reserved in the memory map).
+//! in `[1 MiB, guest memory end)`; boot modules follow the kernel, each on
+//! a page boundary ([`place_module`]); the guest's last page is reserved
+//! for microhv's `shared_info` (marked reserved in the memory map).
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -149,11 +150,41 @@ pub fn parse_multiboot_kernel(file: &[u8], mem_end: u64) -> Result<HvmImage, Loa
     Ok(HvmImage { entry: entry as u32, segments: sorted })
 }
 
+/// Most boot modules one HVM guest can get.
+pub const MAX_MODULES: usize = 16;
+/// Bytes of each module's string kept in the information page.
+const MODULE_STRING_MAX: usize = 111;
+
+/// A boot module in guest memory: `[start, end)` and its string.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestModule {
+    pub start: u64,
+    pub end: u64,
+    pub cmdline: alloc::string::String,
+}
+
+impl HvmImage {
+    /// First page after the kernel's segments.
+    pub fn end(&self) -> u64 {
+        self.segments.iter().map(|s| s.gpa + s.memsz).max().unwrap_or(KERNEL_MIN_GPA).next_multiple_of(4096)
+    }
+}
+
+/// Where a module of `len` bytes goes: at `next_free` (page-aligned), if it
+/// fits below `mem_end`. Returns its start and the next free address.
+pub fn place_module(next_free: u64, len: u64, mem_end: u64) -> Result<(u64, u64), LoadError> {
+    let out = LoadError::SegmentOutOfRange { gpa: next_free, memsz: len };
+    let start = next_free.checked_next_multiple_of(4096).ok_or(out.clone())?;
+    let end = start.checked_add(len).filter(|&e| e <= mem_end).ok_or(out.clone())?;
+    let next = end.checked_next_multiple_of(4096).ok_or(out.clone())?.max(start.checked_add(4096).ok_or(out)?);
+    Ok((start, next))
+}
+
 /// The multiboot information page for a guest with `mem_end` bytes of
 /// usable memory (then one reserved page), placed at [`MBI_GPA`]: memory
-/// sizes, the memory map, the command line (truncated to 1 KiB) and the
-/// boot loader name. No modules.
-pub fn multiboot_info(mem_end: u64, cmdline: &str) -> Vec<u8> {
+/// sizes, the memory map, the command line (truncated to about 1 KiB), the
+/// boot loader name and up to [`MAX_MODULES`] modules (strings truncated).
+pub fn multiboot_info(mem_end: u64, cmdline: &str, modules: &[GuestModule]) -> Vec<u8> {
     let mut page = vec![0u8; 4096];
     let base = MBI_GPA as u32;
     let put32 = |p: &mut [u8], off: usize, v: u32| p[off..off + 4].copy_from_slice(&v.to_le_bytes());
@@ -163,8 +194,20 @@ pub fn multiboot_info(mem_end: u64, cmdline: &str) -> Vec<u8> {
     put32(&mut page, 8, (mem_end.saturating_sub(KERNEL_MIN_GPA) / 1024).min(u32::MAX as u64) as u32);
     let (mmap_off, cmd_off, name_off) = (0x100usize, 0x200usize, 0x700usize);
     put32(&mut page, 16, base + cmd_off as u32);
-    put32(&mut page, 20, 0);
-    put32(&mut page, 24, base + 0x800);
+    let (mods_off, strings_off) = (0x800usize, 0x900usize);
+    let modules = &modules[..modules.len().min(MAX_MODULES)];
+    put32(&mut page, 20, modules.len() as u32);
+    put32(&mut page, 24, base + mods_off as u32);
+    for (i, m) in modules.iter().enumerate() {
+        let o = mods_off + i * 16;
+        let s = strings_off + i * (MODULE_STRING_MAX + 1);
+        put32(&mut page, o, m.start as u32);
+        put32(&mut page, o + 4, m.end as u32);
+        put32(&mut page, o + 8, base + s as u32);
+        let b = m.cmdline.as_bytes();
+        let n = b.len().min(MODULE_STRING_MAX);
+        page[s..s + n].copy_from_slice(&b[..n]);
+    }
     let entries: [(u64, u64, u32); 3] = [(0, 0x9fc00, 1), (KERNEL_MIN_GPA, mem_end - KERNEL_MIN_GPA, 1), (mem_end, 4096, 2)];
     for (i, (b, l, t)) in entries.iter().enumerate() {
         let o = mmap_off + i * 24;
@@ -282,7 +325,7 @@ mod tests {
 
     #[test]
     fn multiboot_info_describes_memory_and_command_line() {
-        let p = multiboot_info(8 << 20, "name=hvm1 demo");
+        let p = multiboot_info(8 << 20, "name=hvm1 demo", &[]);
         let r = |o: usize| u32::from_le_bytes(p[o..o + 4].try_into().unwrap());
         assert_eq!(r(0) & (1 << 6), 1 << 6);
         assert_eq!(r(8), (7 << 20) / 1024);
@@ -295,7 +338,40 @@ mod tests {
         assert_eq!(u64::from_le_bytes(p[mm + 24 + 4..mm + 24 + 12].try_into().unwrap()), 0x10_0000);
         assert_eq!(r(mm + 48 + 20), 2, "shared_info page reserved");
         let long = "x".repeat(5000);
-        let p = multiboot_info(8 << 20, &long);
+        let p = multiboot_info(8 << 20, &long, &[]);
         assert_eq!(p.len(), 4096);
+    }
+
+    #[test]
+    fn modules_follow_the_kernel_page_aligned_and_are_listed() {
+        let f = elf32(0x10_0000, 0x10_0010, 0x100, 0x3001, 3);
+        let img = parse_multiboot_kernel(&f, 8 << 20).unwrap();
+        assert_eq!(img.end(), 0x10_4000);
+        let (a, next) = place_module(img.end(), 5000, 8 << 20).unwrap();
+        assert_eq!((a, next), (0x10_4000, 0x10_6000));
+        let (b, next) = place_module(next, 0, 8 << 20).unwrap();
+        assert_eq!((b, next), (0x10_6000, 0x10_7000), "an empty module still gets its own page");
+        assert!(place_module(next, 8 << 20, 8 << 20).is_err(), "past the end of memory");
+        assert!(place_module(u64::MAX - 10, 100, u64::MAX).is_err(), "no overflow");
+        let long = "m".repeat(300);
+        let mods = [
+            GuestModule { start: a, end: a + 5000, cmdline: "one.bin for=hvm1".into() },
+            GuestModule { start: b, end: b, cmdline: long.clone() },
+        ];
+        let p = multiboot_info(8 << 20, "x", &mods);
+        let r = |o: usize| u32::from_le_bytes(p[o..o + 4].try_into().unwrap());
+        assert_eq!(r(0) & (1 << 3), 1 << 3);
+        assert_eq!(r(20), 2);
+        let list = (r(24) - MBI_GPA as u32) as usize;
+        assert_eq!((r(list), r(list + 4)), (a as u32, a as u32 + 5000));
+        let s = (r(list + 8) - MBI_GPA as u32) as usize;
+        assert_eq!(&p[s..s + 16], b"one.bin for=hvm1");
+        assert_eq!(p[s + 16], 0);
+        let s2 = (r(list + 16 + 8) - MBI_GPA as u32) as usize;
+        assert_eq!(p[s2 + MODULE_STRING_MAX], 0, "long strings are cut and terminated");
+        // More modules than fit: only MAX_MODULES are listed.
+        let many = vec![mods[0].clone(); 40];
+        let p = multiboot_info(8 << 20, "x", &many);
+        assert_eq!(u32::from_le_bytes(p[20..24].try_into().unwrap()), MAX_MODULES as u32);
     }
 }
