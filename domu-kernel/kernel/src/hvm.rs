@@ -571,6 +571,23 @@ fn attack(name: &str, which: &str) {
                 unsafe { asm!("vmcall", inlateout("rax") nr => r, in("rdi") 0, in("rsi") 0, in("rdx") 0) };
                 println!("attack vmcall: hypercall {nr:#x} -> {}", r as i64);
             }
+            // Guest-physical pointers and frames that are not the guest's.
+            use shared_abi::hypercall::nr;
+            let leaf = cpuid(0x4000_0001);
+            let si_gfn = leaf[2] as u64;
+            let after = (si_gfn + 1) << 12; // microhv's console ring page, outside our memory
+            let cases: [(&str, u64, [u64; 3]); 5] = [
+                ("console_write from past my memory", nr::CONSOLE_WRITE, [0x3000_0000, 16, 0]),
+                ("console_write from microhv's ring page", nr::CONSOLE_WRITE, [after, 16, 0]),
+                ("memory_query into past my memory", nr::MEMORY_QUERY, [after, 0, 0]),
+                ("grant_access of a frame past my memory", nr::GRANT_ACCESS, [0, 0x10_0000, 0]),
+                ("grant_access of my shared_info", nr::GRANT_ACCESS, [0, si_gfn, 0]),
+            ];
+            for (what, n, a) in cases {
+                // SAFETY: deliberately bad pointers: microhv must refuse them.
+                let r = unsafe { vmcall(n, a) };
+                println!("attack vmcall: {what} -> {r}");
+            }
             return;
         }
         // No IDT: the next exception becomes a triple fault.
@@ -698,6 +715,27 @@ fn pvhvm(name: &str) -> ! {
             if within(asked, took, 10) { "ok" } else { "OUT OF TOLERANCE" }
         );
     }
+    // Calls with guest-physical pointers (identity-mapped: VA = GPA here).
+    let mut info = [0u64; 2];
+    // SAFETY: `info` is ours, 16 bytes.
+    let q = unsafe { vmcall(nr::MEMORY_QUERY, [info.as_mut_ptr() as u64, 0, 0]) };
+    let mut st = [0u8; 16];
+    // SAFETY: `st` is ours, 16 bytes.
+    let s = unsafe { vmcall(nr::EVTCHN_STATUS, [port as u64, st.as_mut_ptr() as u64, 0]) };
+    let state = u32::from_le_bytes([st[0], st[1], st[2], st[3]]);
+    let gfn = core::ptr::addr_of!(WORK) as u64 >> 12;
+    // SAFETY: no pointer arguments (a frame number of ours).
+    let gref = unsafe { vmcall(nr::GRANT_ACCESS, [0, gfn, 1]) };
+    // SAFETY: no pointer arguments.
+    let end = unsafe { vmcall(nr::GRANT_END, [gref as u64, 0, 0]) };
+    let t0 = system_ns();
+    // SAFETY: no pointer arguments.
+    let poll = unsafe { vmcall(nr::SCHED_POLL, [t0 + 5_000_000, 0, 0]) };
+    let (pm, pf) = ms_parts(system_ns() - t0);
+    println!(
+        "VMCALL with guest-physical pointers: memory_query {q} -> {} pages, evtchn_status(port {port}) {s} -> state {state}, grant_access(dom0, gfn {gfn:#x}) -> gref {gref}, grant_end -> {end}, sched_poll 5 ms -> {poll} after {pm}.{pf:03} ms",
+        info[0]
+    );
     // What the table does not allow an HVM guest.
     // SAFETY: no pointer arguments.
     let list = unsafe { vmcall(nr::DOMCTL_LIST, [0, 0, 0]) };

@@ -594,6 +594,8 @@ pub struct HvmDomain {
     console_pending: Vec<u8>,
     /// What the multiboot information page says, kept to add modules.
     boot: BootPage,
+    /// In `sched_poll`: RAX becomes 1 if an event woke it.
+    polling: bool,
 }
 
 struct BootPage {
@@ -666,6 +668,7 @@ pub fn create(hv: &mut Hv, id: DomId, file: &[u8], args: &str) -> Result<usize, 
     // The last page is microhv's shared_info for the domain (events for hybrid guests).
     let d = &mut hv.domains[idx];
     d.shared_info = frames[nr_pages as usize - 1];
+    hv.frames.set_special(d.shared_info, true);
     d.write_time_record();
     // Ports start masked, as for PV guests; upcalls come as a vector.
     let mask = core::mem::offset_of!(shared_abi::shared_info::SharedInfo, evtchn_mask);
@@ -699,7 +702,7 @@ pub fn create(hv: &mut Hv, id: DomId, file: &[u8], args: &str) -> Result<usize, 
         shared_info_gfn: (nr_pages - 1) as u32,
     };
     let d = &mut hv.domains[idx];
-    d.hvm = Some(Box::new(HvmDomain { vcpu, ept, platform: Platform::new(policy), pv_timer: None, console_pending: Vec::new(), boot }));
+    d.hvm = Some(Box::new(HvmDomain { vcpu, ept, platform: Platform::new(policy), pv_timer: None, console_pending: Vec::new(), boot, polling: false }));
     // The UART's output goes to Dom0's console backend like a PV DomU's
     // console ring (microhv is the ring's producer), so its lines come out
     // whole, as `[name] ...`; without Dom0 microhv prints them itself.
@@ -840,9 +843,7 @@ fn vmcall(hv: &mut Hv, idx: usize) -> bool {
             Err(Errno::EINVAL)
         } else {
             let mut bytes = alloc::vec![0u8; len as usize];
-            // The guest's memory only: its pages before the shared_info page.
-            let nr = hv.domains[idx].p2m.len().saturating_sub(2);
-            read_guest_phys(&hv.domains[idx].p2m[..nr], buf.0, &mut bytes).map(|_| {
+            read_guest_phys(guest_frames(&hv.domains[idx]), buf.0, &mut bytes).map(|_| {
                 // Same path as the UART: Dom0's console ring.
                 console_out(hv, idx, &bytes);
                 len
@@ -863,8 +864,41 @@ fn vmcall(hv: &mut Hv, idx: usize) -> bool {
             | Call::EvtchnUnmask { .. }
             | Call::GrantEnd { .. }),
         ) => dispatch(hv, idx, c),
-        // The rest of the HVM column (guest-memory arguments, polling) is
-        // not offered to HVM guests yet.
+        // Guest-physical pointers: copied through the domain's frames.
+        Ok(Call::MemoryQuery { info }) => {
+            let d = &hv.domains[idx];
+            let pages = d.p2m.len().saturating_sub(2) as u64;
+            let mut b = [0u8; 16];
+            b[..8].copy_from_slice(&pages.to_le_bytes());
+            b[8..].copy_from_slice(&pages.to_le_bytes());
+            Outcome::Ret(write_guest_checked(d, info.0, &b).map(|_| 0))
+        }
+        Ok(Call::EvtchnStatus { port, out }) => {
+            let id = hv.domains[idx].id;
+            let r = crate::hypercall::evtchn_status_record(hv, id, port).and_then(|b| write_guest_checked(&hv.domains[idx], out.0, &b));
+            Outcome::Ret(r.map(|_| 0))
+        }
+        // A guest frame number stands for the frame: translated, then the
+        // PV checks (the domain's own plain data frame) apply.
+        Ok(Call::GrantAccess { grantee, frame, readonly }) => {
+            let d = &hv.domains[idx];
+            match guest_frames(d).get(frame.0 as usize) {
+                Some(&mfn) => dispatch(hv, idx, Call::GrantAccess { grantee, frame: mfn, readonly }),
+                None => Outcome::Ret(Err(Errno::EINVAL)),
+            }
+        }
+        Ok(Call::SchedPoll { deadline_ns }) => {
+            let out = dispatch(hv, idx, Call::SchedPoll { deadline_ns });
+            if let (Outcome::Reschedule(_), Some(h)) = (&out, hv.domains[idx].hvm.as_mut()) {
+                // Blocked: `domain::raise` marks the PV register copy when an
+                // event wakes it; `run` hands that to the guest.
+                h.polling = true;
+                hv.domains[idx].vcpu.regs.rax = 0;
+            }
+            out
+        }
+        // grant_copy (a GrantCopy record with guest addresses) is not
+        // offered to HVM guests yet.
         Ok(_) => Outcome::Ret(Err(Errno::ENOSYS)),
     };
     if let Ok(Call::SetTimer { deadline_ns }) = call {
@@ -890,6 +924,23 @@ fn vmcall(hv: &mut Hv, idx: usize) -> bool {
         // The call ended the domain.
         None => true,
     }
+}
+
+/// The frames of a domain's guest-physical memory (without the two ring
+/// pages microhv keeps outside it).
+fn guest_frames(d: &domain::Domain) -> &[Mfn] {
+    &d.p2m[..d.p2m.len().saturating_sub(2)]
+}
+
+/// Writes `bytes` at guest-physical `gpa`, inside the guest's memory only.
+fn write_guest_checked(d: &domain::Domain, gpa: u64, bytes: &[u8]) -> Result<(), shared_abi::Errno> {
+    let frames = guest_frames(d);
+    let end = gpa.checked_add(bytes.len() as u64).ok_or(shared_abi::Errno::EFAULT)?;
+    if end > frames.len() as u64 * 4096 {
+        return Err(shared_abi::Errno::EFAULT);
+    }
+    write_guest_phys(frames, gpa, bytes);
+    Ok(())
 }
 
 /// Copies guest-physical memory of a domain (through its p2m) into `buf`.
@@ -945,7 +996,13 @@ pub fn run(hv: &mut Hv, idx: usize) -> bool {
             domain::send_virq(hv, idx, shared_abi::hypercall::VIRQ_TIMER);
         }
     }
+    // Woken from sched_poll: 1 if an event did it (see `domain::raise`).
+    let woke_by_event = hv.domains[idx].vcpu.regs.rax == 1;
     let Some(h) = hv.domains[idx].hvm.as_mut() else { return true };
+    if h.polling {
+        h.polling = false;
+        h.vcpu.regs.0[0] = woke_by_event as u64;
+    }
     if let Err(e) = make_current(h.vcpu.vmcs) {
         domain::kill(hv, idx, e);
         return true;

@@ -22,6 +22,25 @@ pub(crate) enum Outcome {
     Reschedule(Result<u64, Errno>),
 }
 
+/// The `EvtchnStatus` record of `port` of domain `id` (PV and HVM callers
+/// copy it out their own way).
+pub(crate) fn evtchn_status_record(hv: &Hv, id: shared_abi::DomId, port: u64) -> Result<[u8; 16], Errno> {
+    use microhv_core::evtchn::ChannelState::*;
+    let port = u32::try_from(port).map_err(|_| Errno::EINVAL)?;
+    let (state, dom, detail) = match hv.evtchn.status(id, port)? {
+        Free => (EVTCHN_STATE_FREE, 0, 0),
+        Unbound { remote } => (EVTCHN_STATE_UNBOUND, remote.0, 0),
+        Interdomain { remote, remote_port } => (EVTCHN_STATE_INTERDOMAIN, remote.0, remote_port),
+        Virq(v) => (EVTCHN_STATE_VIRQ, 0, v),
+        Pirq(p) => (EVTCHN_STATE_PIRQ, 0, p),
+    };
+    let mut b = [0u8; 16];
+    b[0..4].copy_from_slice(&state.to_le_bytes());
+    b[4..6].copy_from_slice(&dom.to_le_bytes());
+    b[8..12].copy_from_slice(&detail.to_le_bytes());
+    Ok(b)
+}
+
 /// Handles the hypercall in the current vCPU's saved registers. Returns true
 /// when the scheduler must pick again.
 pub fn handle(hv: &mut Hv, cur: usize) -> bool {
@@ -256,25 +275,8 @@ pub(crate) fn dispatch(hv: &mut Hv, cur: usize, call: Call) -> Outcome {
             Ret(r.map(|_| 0))
         }
         Call::EvtchnStatus { port, out } => {
-            use microhv_core::evtchn::ChannelState::*;
             let id = hv.domains[cur].id;
-            let Ok(port) = u32::try_from(port) else { return Ret(Err(Errno::EINVAL)) };
-            let st = match hv.evtchn.status(id, port) {
-                Ok(s) => s,
-                Err(e) => return Ret(Err(e)),
-            };
-            let (state, dom, detail) = match st {
-                Free => (EVTCHN_STATE_FREE, 0, 0),
-                Unbound { remote } => (EVTCHN_STATE_UNBOUND, remote.0, 0),
-                Interdomain { remote, remote_port } => (EVTCHN_STATE_INTERDOMAIN, remote.0, remote_port),
-                Virq(v) => (EVTCHN_STATE_VIRQ, 0, v),
-                Pirq(p) => (EVTCHN_STATE_PIRQ, 0, p),
-            };
-            let mut b = [0u8; 16];
-            b[0..4].copy_from_slice(&state.to_le_bytes());
-            b[4..6].copy_from_slice(&dom.to_le_bytes());
-            b[8..12].copy_from_slice(&detail.to_le_bytes());
-            Ret(write_guest(hv, cur, out, &b).map(|_| 0))
+            Ret(evtchn_status_record(hv, id, port).and_then(|b| write_guest(hv, cur, out, &b)).map(|_| 0))
         }
         Call::EvtchnUnmask { port } => {
             let Ok(port) = u32::try_from(port) else { return Ret(Err(Errno::EINVAL)) };
