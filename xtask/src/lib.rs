@@ -489,7 +489,7 @@ mod tests {
 }
 
 /// The module line of the HVM demo DomU.
-pub const HVM_DEMO_MODULE: &str = "domu-hvm.elf name=hvm1 boot mem=8M";
+pub const HVM_DEMO_MODULE: &str = "domu-hvm.elf name=hvm1 boot mem=8M xapic";
 /// The same image as a hybrid guest (VMCALL console, event channels).
 pub const PVHVM_DEMO_MODULE: &str = "domu-hvm.elf name=hvm2 boot mem=8M pvhvm";
 

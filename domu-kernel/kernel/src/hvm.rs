@@ -44,6 +44,11 @@ _start32:
     mov $hvm_pd, %eax
     or $3, %eax
     mov %eax, hvm_pdpt
+    /* 3..4 GiB: one 2 MiB page, uncached, for the xAPIC at 0xfee00000. */
+    mov $hvm_pd_hi, %eax
+    or $3, %eax
+    mov %eax, hvm_pdpt + 24
+    movl $(0xfee00000 | 0x9b), hvm_pd_hi + 503 * 8
     xor %ecx, %ecx
 1:  mov %ecx, %eax
     shl $21, %eax
@@ -150,6 +155,7 @@ hvm_gdtr:
 hvm_pml4: .skip 4096
 hvm_pdpt: .skip 4096
 hvm_pd: .skip 4096
+hvm_pd_hi: .skip 4096
     .skip 65536
 hvm_stack_top:
 "#,
@@ -161,12 +167,28 @@ extern "C" {
 }
 
 const TIMER_VECTOR: u8 = 0x30;
-const MSR_EOI: u32 = 0x80b;
-const MSR_SVR: u32 = 0x80f;
-const MSR_LVT_TIMER: u32 = 0x832;
-const MSR_TIMER_INIT: u32 = 0x838;
-const MSR_TIMER_DIVIDE: u32 = 0x83e;
-const MSR_SELF_IPI: u32 = 0x83f;
+/// Local APIC registers by their xAPIC offset (x2APIC MSR = 0x800 + offset / 16).
+const APIC_EOI: u32 = 0xb0;
+const APIC_SVR: u32 = 0xf0;
+const APIC_LVT_TIMER: u32 = 0x320;
+const APIC_TIMER_INIT: u32 = 0x380;
+const APIC_TIMER_DIVIDE: u32 = 0x3e0;
+const APIC_SELF_IPI: u32 = 0x3f0;
+const XAPIC_BASE: u64 = 0xfee0_0000;
+
+/// `xapic` on the command line: the APIC through its MMIO page, as most
+/// unmodified kernels do; otherwise through the x2APIC MSRs.
+static XAPIC: AtomicBool = AtomicBool::new(false);
+
+fn apic_write(reg: u32, v: u64) {
+    if XAPIC.load(Ordering::Relaxed) {
+        // SAFETY: the xAPIC page is mapped uncached by the boot tables;
+        // each access is one 32-bit MOV, which microhv emulates.
+        unsafe { ((XAPIC_BASE + reg as u64) as *mut u32).write_volatile(v as u32) };
+    } else {
+        wrmsr(0x800 + (reg >> 4), v);
+    }
+}
 
 static TICKS: AtomicU64 = AtomicU64::new(0);
 static INTERRUPTS: AtomicU64 = AtomicU64::new(0);
@@ -321,7 +343,7 @@ extern "C" fn hvm_interrupt(f: &mut Frame) {
             if v == EVTCHN_VECTOR.load(Ordering::Relaxed) && v != 0 {
                 take_events();
             }
-            wrmsr(MSR_EOI, 0);
+            apic_write(APIC_EOI, 0);
         }
     }
 }
@@ -360,8 +382,8 @@ fn wait_ticks(n: u64) {
 }
 
 fn one_shot(ns: u64) {
-    wrmsr(MSR_LVT_TIMER, TIMER_VECTOR as u64);
-    wrmsr(MSR_TIMER_INIT, (ns / 10).clamp(1, u32::MAX as u64));
+    apic_write(APIC_LVT_TIMER, TIMER_VECTOR as u64);
+    apic_write(APIC_TIMER_INIT, (ns / 10).clamp(1, u32::MAX as u64));
 }
 
 /// The multiboot command line (or "").
@@ -437,9 +459,10 @@ extern "C" fn hvm_main(magic: u32, mbi: u32) -> ! {
     let timing = cpuid(0x4000_0010);
     TSC_KHZ.store((timing[0] as u64).max(1), Ordering::Relaxed);
     let leaf1 = cpuid(1);
+    XAPIC.store(cmd.split_ascii_whitespace().any(|w| w == "xapic"), Ordering::Relaxed);
     // The local APIC: enable it, timer divide by 1.
-    wrmsr(MSR_SVR, 0x1ff);
-    wrmsr(MSR_TIMER_DIVIDE, 0b1011);
+    apic_write(APIC_SVR, 0x1ff);
+    apic_write(APIC_TIMER_DIVIDE, 0b1011);
     // Like the PV DomUs, which wait for Dom0's store: let Dom0's start-up
     // (building DomUs in hypercalls that are not preemptible) pass before
     // timing anything. `settle=0` skips it.
@@ -449,12 +472,13 @@ extern "C" fn hvm_main(magic: u32, mbi: u32) -> ! {
         wait_ticks(1);
     }
     println!(
-        "{name} up: HVM guest, multiboot {}, {} KiB above 1 MiB, hypervisor {:?}, VMX {}, x2APIC {}, cmdline {:?}",
+        "{name} up: HVM guest, multiboot {}, {} KiB above 1 MiB, hypervisor {:?}, VMX {}, x2APIC {}, APIC through {}, cmdline {:?}",
         if magic == 0x2BAD_B002 { "ok" } else { "BAD" },
         mem_upper_kib(mbi),
         core::str::from_utf8(&vendor).unwrap_or("?"),
         if leaf1[2] & (1 << 5) != 0 { "visible" } else { "hidden" },
         if leaf1[2] & (1 << 21) != 0 { "yes" } else { "no" },
+        if XAPIC.load(Ordering::Relaxed) { "xAPIC MMIO" } else { "x2APIC MSRs" },
         cmd
     );
     if magic == 0x2BAD_B002 {
@@ -505,10 +529,10 @@ fn timers(name: &str) {
 /// Ten periods of a 5 ms periodic timer.
 fn periodic() {
     let t0 = now_ns();
-    wrmsr(MSR_LVT_TIMER, (1 << 17) | TIMER_VECTOR as u64);
-    wrmsr(MSR_TIMER_INIT, 500_000);
+    apic_write(APIC_LVT_TIMER, (1 << 17) | TIMER_VECTOR as u64);
+    apic_write(APIC_TIMER_INIT, 500_000);
     wait_ticks(10);
-    wrmsr(MSR_TIMER_INIT, 0);
+    apic_write(APIC_TIMER_INIT, 0);
     let took = now_ns() - t0;
     let (m, f) = ms_parts(took);
     println!("periodic timer: 10 ticks of 5 ms in {m}.{f:03} ms {}", if within(50_000_000, took, 10) { "ok" } else { "OUT OF TOLERANCE" });
@@ -600,16 +624,16 @@ fn attack(name: &str, which: &str) {
         // As many interrupts as we can ask for, for 50 ms; then carry on.
         "storm" => {
             let t0 = now_ns();
-            wrmsr(MSR_LVT_TIMER, (1 << 17) | TIMER_VECTOR as u64);
-            wrmsr(MSR_TIMER_INIT, 1);
+            apic_write(APIC_LVT_TIMER, (1 << 17) | TIMER_VECTOR as u64);
+            apic_write(APIC_TIMER_INIT, 1);
             let mut ipis = 0u64;
             while now_ns() - t0 < 50_000_000 {
-                wrmsr(MSR_SELF_IPI, 0x40);
+                apic_write(APIC_SELF_IPI, 0x40);
                 ipis += 1;
                 // SAFETY: let the interrupts in for one instruction.
                 unsafe { asm!("sti", "nop", "cli") };
             }
-            wrmsr(MSR_TIMER_INIT, 0);
+            apic_write(APIC_TIMER_INIT, 0);
             println!(
                 "attack storm: {ipis} self-IPIs and a 10 ns periodic timer for 50 ms gave {} timer interrupts (microhv caps the rate)",
                 TICKS.load(Ordering::SeqCst)

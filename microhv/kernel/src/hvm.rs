@@ -446,6 +446,8 @@ impl HwExtension for Vmx {
 struct Live<'a> {
     regs: &'a mut GuestRegs,
     vmcs: CurrentVmcs,
+    /// The guest's RAM frames (for instruction fetches), or none.
+    ram: &'a [Mfn],
 }
 
 impl Live<'_> {
@@ -473,6 +475,19 @@ impl GuestCpu for Live<'_> {
     }
     fn rip(&self) -> u64 {
         GuestRip::read(&self.vmcs).unwrap_or(0)
+    }
+    fn set_rip(&mut self, rip: u64) {
+        let _ = GuestRip::write(&mut self.vmcs, rip);
+        let s = GuestInterruptibilityState::read(&self.vmcs).unwrap_or(0);
+        let _ = GuestInterruptibilityState::write(&mut self.vmcs, s & !3);
+    }
+    fn code_segment(&self) -> (u64, bool) {
+        let base = GuestCsBase::read(&self.vmcs).unwrap_or(0);
+        let long = GuestCsAccessRights::read(&self.vmcs).unwrap_or(0) & (1 << 13) != 0;
+        (base, long)
+    }
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        read_guest_phys(self.ram, gpa, buf).is_ok()
     }
     fn skip_instruction(&mut self) {
         let len = ExitInstructionLength::read(&self.vmcs).unwrap_or(0) as u64;
@@ -816,8 +831,8 @@ pub fn destroy(d: &mut domain::Domain, h: Box<HvmDomain>) {
     let name = &d.name;
     let s = &platform.stats;
     log::info!(
-        "{name}: {} VM exits (I/O {}, MSR {}, CPUID {}, HLT {}, CR {}, host interrupts {}, VMCALL {}), {} interrupts injected, {} unknown ports, {} refused MSR accesses",
-        s.exits, s.io, s.msr, s.cpuid, s.hlt, s.cr, s.external, s.vmcall, platform.lapic.injected, s.unknown_ports, s.unknown_msrs
+        "{name}: {} VM exits (I/O {}, MSR {}, APIC MMIO {}, CPUID {}, HLT {}, CR {}, host interrupts {}, VMCALL {}), {} interrupts injected, {} unknown ports, {} refused MSR accesses",
+        s.exits, s.io, s.msr, s.mmio, s.cpuid, s.hlt, s.cr, s.external, s.vmcall, platform.lapic.injected, s.unknown_ports, s.unknown_msrs
     );
     Vmx::destroy_vcpu(vcpu);
     free_ept(&ept);
@@ -834,7 +849,7 @@ fn vmcall(hv: &mut Hv, idx: usize) -> bool {
     let Some(h) = hv.domains[idx].hvm.as_mut() else { return true };
     let r = h.vcpu.regs.0;
     // The call returns after the VMCALL instruction whatever happens.
-    Live { regs: &mut h.vcpu.regs, vmcs: CurrentVmcs }.skip_instruction();
+    Live { regs: &mut h.vcpu.regs, vmcs: CurrentVmcs, ram: &[] }.skip_instruction();
     let nr = r[0];
     let call = check_access(nr, GuestKind::Hvm, false).and_then(|_| Call::decode(nr, [r[7], r[6], r[2], r[10], r[8]]));
     let out = match call {
@@ -1021,9 +1036,13 @@ pub fn run(hv: &mut Hv, idx: usize) -> bool {
         h.platform.stats.external += 1;
         Action::ExternalInterrupt
     } else {
-        let mut live = Live { regs: &mut h.vcpu.regs, vmcs: CurrentVmcs };
+        let d = &mut hv.domains[idx];
+        let ram = &d.p2m[..d.p2m.len().saturating_sub(2)];
+        let Some(h) = d.hvm.as_mut() else { return true };
+        let mut live = Live { regs: &mut h.vcpu.regs, vmcs: CurrentVmcs, ram };
         platform::handle_exit(&mut live, &mut h.platform, exit, now)
     };
+    let Some(h) = hv.domains[idx].hvm.as_mut() else { return true };
     let out = core::mem::take(&mut h.platform.output);
     let notes = core::mem::take(&mut h.platform.notes);
     let deadline = [h.platform.lapic.deadline(), h.pv_timer].into_iter().flatten().min();

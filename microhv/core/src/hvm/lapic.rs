@@ -65,6 +65,8 @@ pub struct VLapic {
     /// Start of the current countdown and when it reaches zero.
     period_ns: u64,
     deadline: Option<u64>,
+    /// xAPIC mode: the high half of the ICR, written before the low half.
+    icr_high: u32,
     /// Counters for the exit statistics.
     pub timer_fired: u64,
     pub injected: u64,
@@ -99,6 +101,7 @@ impl VLapic {
             divide_reg: 0,
             period_ns: 0,
             deadline: None,
+            icr_high: 0,
             timer_fired: 0,
             injected: 0,
         }
@@ -288,6 +291,36 @@ impl VLapic {
     }
 }
 
+impl VLapic {
+    /// A 32-bit read of the xAPIC page at `offset` (same registers as the
+    /// x2APIC MSRs; ID in bits 31:24, DFR all ones; reserved ones read 0).
+    pub fn read_mmio(&self, offset: u64, now: u64) -> u32 {
+        match offset & 0xff0 {
+            0x0e0 => u32::MAX,
+            0x310 => self.icr_high,
+            0x300 => 0,
+            off => self.read_msr(MSR_FIRST + (off as u32 >> 4), now).unwrap_or(0) as u32,
+        }
+    }
+
+    /// A 32-bit write to the xAPIC page: read-only and reserved registers
+    /// ignore writes (as in xAPIC mode); EOI takes any value; a write to the
+    /// ICR's low half sends the IPI.
+    pub fn write_mmio(&mut self, offset: u64, value: u32, now: u64) {
+        match offset & 0xff0 {
+            0x0b0 => self.eoi(),
+            0x0d0 | 0x0e0 | 0x3f0 => {}
+            0x310 => self.icr_high = value,
+            0x300 => {
+                let _ = self.write_msr(REG_ICR, (self.icr_high as u64) << 32 | value as u64, now);
+            }
+            off => {
+                let _ = self.write_msr(MSR_FIRST + (off as u32 >> 4), value as u64, now);
+            }
+        }
+    }
+}
+
 fn word32(bits: &[u64; 4], i: u32) -> u64 {
     let i = i as usize;
     (bits[i / 2] >> (32 * (i % 2))) & 0xffff_ffff
@@ -394,6 +427,36 @@ mod tests {
         assert_eq!(l.pending(), Some(0x77));
         l.write_msr(REG_SELF_IPI, 3, 0).unwrap();
         assert_ne!(l.read_msr(REG_ESR, 0).unwrap() & (1 << 6), 0);
+    }
+
+    #[test]
+    fn xapic_page_reaches_the_same_registers() {
+        let mut l = VLapic::new();
+        l.write_mmio(0xf0, 0x1ff, 0);
+        assert!(l.enabled());
+        l.write_mmio(0x3e0, 0b1011, 0);
+        l.write_mmio(0x320, 0x30, 0);
+        l.write_mmio(0x380, 1000, 0);
+        assert_eq!(l.read_mmio(0x380, 0), 1000);
+        assert_eq!(l.read_mmio(0x390, 5000), 500);
+        assert!(l.tick(10_000));
+        assert_eq!(l.pending(), Some(0x30));
+        l.ack(0x30);
+        l.write_mmio(0xb0, 0x1234, 0); // any value is an EOI in xAPIC mode
+        assert_eq!(l.read_mmio(0x110, 0), 0, "ISR cleared");
+        // ICR: high half first, then the low half sends (fixed, self).
+        l.write_mmio(0x310, 0, 0);
+        l.write_mmio(0x300, (1 << 18) | 0x55, 0);
+        assert_eq!(l.pending(), Some(0x55));
+        assert_eq!(l.read_mmio(0xe0, 0), u32::MAX);
+        assert_eq!(l.read_mmio(0x30, 0) & 0xff, 0x14, "version");
+        // Writes to read-only registers are ignored, not faults.
+        l.write_mmio(0x20, 7, 0);
+        l.write_mmio(0x390, 7, 0);
+        for off in (0..0x1000).step_by(4) {
+            let _ = l.read_mmio(off, 1);
+            l.write_mmio(off, u32::MAX, 1);
+        }
     }
 
     #[test]

@@ -8,13 +8,16 @@
 //! Devices: a 16550 UART at 0x3f8 ([`uart`]), the local APIC in x2APIC mode
 //! ([`lapic`]), the PICs (masked, never deliver) and the PIT ([`legacy`]),
 //! and port 0xf4, where a write powers the guest off with that exit code
-//! (as QEMU's isa-debug-exit does). Unknown ports read as all ones and
+//! (as QEMU's isa-debug-exit does). The APIC also answers at its xAPIC
+//! address 0xfee00000: such accesses are EPT violations, emulated by
+//! decoding the guest's `MOV` ([`mmio`]). Unknown ports read as all ones and
 //! ignore writes; unknown MSRs raise #GP in the guest; both are counted and
 //! the first few are logged. [`loader`] puts a multiboot kernel in memory.
 
 pub mod lapic;
 pub mod legacy;
 pub mod loader;
+pub mod mmio;
 pub mod uart;
 
 use alloc::format;
@@ -69,6 +72,12 @@ pub trait GuestCpu {
     fn gpr(&self, n: u8) -> u64;
     fn set_gpr(&mut self, n: u8, v: u64);
     fn rip(&self) -> u64;
+    fn set_rip(&mut self, rip: u64);
+    /// CS base and whether CS is a 64-bit code segment (CS.L).
+    fn code_segment(&self) -> (u64, bool);
+    /// Reads guest-physical memory (the guest's own RAM only); false when
+    /// any byte is outside it.
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> bool;
     /// Moves RIP past the instruction that exited.
     fn skip_instruction(&mut self);
     /// Control register `n` as the guest sees it.
@@ -118,6 +127,7 @@ pub struct ExitStats {
     pub cr: u64,
     pub external: u64,
     pub vmcall: u64,
+    pub mmio: u64,
     pub unknown_ports: u32,
     /// MSR accesses refused with #GP (unknown MSR or bad value).
     pub unknown_msrs: u32,
@@ -442,6 +452,10 @@ pub fn handle_exit<C: GuestCpu>(cpu: &mut C, p: &mut Platform, exit: VmExit, now
             Action::Vmcall
         }
         VmExit::TripleFault => Action::Kill(format!("triple fault at rip {:#x}", cpu.rip())),
+        VmExit::EptViolation { gpa, fetch: false, .. } if gpa & !0xfff == mmio::APIC_MMIO_BASE => {
+            p.stats.mmio += 1;
+            emulate_apic_access(cpu, p, gpa, now)
+        }
         VmExit::EptViolation { gpa, read, write, fetch, .. } => {
             let what = if fetch { "instruction fetch" } else if write { "write" } else if read { "read" } else { "access" };
             Action::Kill(format!("EPT violation: {what} at guest-physical {gpa:#x} (not guest memory; MMIO is not emulated) at rip {:#x}", cpu.rip()))
@@ -457,6 +471,49 @@ pub fn handle_exit<C: GuestCpu>(cpu: &mut C, p: &mut Platform, exit: VmExit, now
             Action::Kill(format!("unsupported VM exit (reason {reason}, qualification {qualification:#x}) at rip {:#x}", cpu.rip()))
         }
     }
+}
+
+/// An access to the xAPIC page: fetch and decode the guest's instruction,
+/// do it on the local APIC, step over it. What cannot be decoded ends the
+/// guest.
+fn emulate_apic_access<C: GuestCpu>(cpu: &mut C, p: &mut Platform, gpa: u64, now: u64) -> Action {
+    let rip = cpu.rip();
+    let (base, long) = cpu.code_segment();
+    let la = if long { rip } else { base.wrapping_add(rip) & 0xffff_ffff };
+    let paging = mmio::Paging { cr0: cpu.cr(0), cr3: cpu.cr(3), cr4: cpu.cr(4), efer: cpu.msr(CpuMsr::Efer) };
+    let mut bytes = [0u8; 15];
+    let mut n = 0;
+    while n < bytes.len() {
+        let read8 = |a: u64| {
+            let mut w = [0u8; 8];
+            cpu.read_phys(a, &mut w).then(|| u64::from_le_bytes(w))
+        };
+        let Some(pa) = mmio::guest_to_phys(paging, la.wrapping_add(n as u64), read8) else { break };
+        if !cpu.read_phys(pa, &mut bytes[n..n + 1]) {
+            break;
+        }
+        n += 1;
+    }
+    let Some(d) = mmio::decode_mov(&bytes[..n], long) else {
+        return Action::Kill(format!("access to the local APIC page at {gpa:#x} by an instruction that is not emulated (at rip {rip:#x}: {:02x?})", &bytes[..n.min(8)]));
+    };
+    let offset = gpa & 0xfff;
+    match d.op {
+        mmio::MmioOp::Load { reg, size: 4 } => {
+            let v = p.lapic.read_mmio(offset, now) as u64;
+            cpu.set_gpr(reg, v);
+        }
+        mmio::MmioOp::StoreReg { reg, size: 4 } => {
+            let v = cpu.gpr(reg) as u32;
+            p.lapic.write_mmio(offset, v, now);
+        }
+        mmio::MmioOp::StoreImm { value, size: 4 } => p.lapic.write_mmio(offset, value, now),
+        _ => return Action::Kill(format!("{}-byte access to the local APIC page at {gpa:#x} (registers are 32-bit) at rip {rip:#x}", match d.op {
+            mmio::MmioOp::Load { size, .. } | mmio::MmioOp::StoreReg { size, .. } | mmio::MmioOp::StoreImm { size, .. } => size,
+        })),
+    }
+    cpu.set_rip(rip.wrapping_add(d.len as u64));
+    Action::Resume
 }
 
 #[cfg(test)]

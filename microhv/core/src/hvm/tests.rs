@@ -5,6 +5,8 @@ use crate::vmx::exit::decode;
 
 #[derive(Default)]
 struct FakeCpu {
+    /// Guest-physical memory (sparse, byte-addressed).
+    mem: std::collections::HashMap<u64, u8>,
     gpr: [u64; 16],
     rip: u64,
     len: u64,
@@ -23,6 +25,21 @@ impl GuestCpu for FakeCpu {
     }
     fn rip(&self) -> u64 {
         self.rip
+    }
+    fn set_rip(&mut self, rip: u64) {
+        self.rip = rip;
+    }
+    fn code_segment(&self) -> (u64, bool) {
+        (0, self.efer & EFER_LMA != 0)
+    }
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        for (i, b) in buf.iter_mut().enumerate() {
+            match self.mem.get(&(gpa + i as u64)) {
+                Some(v) => *b = *v,
+                None => return false,
+            }
+        }
+        true
     }
     fn skip_instruction(&mut self) {
         self.rip += self.len;
@@ -187,6 +204,40 @@ fn x2apic_timer_through_wrmsr() {
 }
 
 #[test]
+fn xapic_accesses_are_decoded_and_emulated() {
+    let (mut c, mut p) = (cpu(), plat());
+    // Paging off (32-bit protected mode): linear = physical.
+    c.cr[0] = 1;
+    let code = [
+        0xc7, 0x05, 0xf0, 0x00, 0xe0, 0xfe, 0xff, 0x01, 0x00, 0x00, // mov dword [0xfee000f0], 0x1ff
+        0x8b, 0x0d, 0x30, 0x00, 0xe0, 0xfe, // mov ecx, [0xfee00030]
+        0x0f, 0x0b, // ud2: not a MOV
+    ];
+    for (i, b) in code.iter().enumerate() {
+        c.mem.insert(0x1000 + i as u64, *b);
+    }
+    c.rip = 0x1000;
+    let ept = |gpa: u64, write: bool| decode(48, if write { 2 } else { 1 }, gpa, 0, 0);
+    assert_eq!(handle_exit(&mut c, &mut p, ept(0xfee0_00f0, true), 0), Action::Resume);
+    assert!(p.lapic.enabled());
+    assert_eq!(c.rip, 0x100a);
+    assert_eq!(handle_exit(&mut c, &mut p, ept(0xfee0_0030, false), 0), Action::Resume);
+    assert_eq!(c.gpr[1] & 0xff, 0x14, "version register");
+    assert_eq!(c.rip, 0x1010);
+    match handle_exit(&mut c, &mut p, ept(0xfee0_0030, false), 0) {
+        Action::Kill(why) => assert!(why.contains("not emulated"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    // Code the guest cannot even reach (RIP outside its memory): ended too.
+    c.rip = 0x9999_0000;
+    assert!(matches!(handle_exit(&mut c, &mut p, ept(0xfee0_0030, false), 0), Action::Kill(_)));
+    // Other MMIO addresses stay fatal.
+    c.rip = 0x1000;
+    assert!(matches!(handle_exit(&mut c, &mut p, ept(0xfec0_0000, true), 0), Action::Kill(_)));
+    assert_eq!(p.stats.mmio, 4);
+}
+
+#[test]
 fn long_mode_switch_rules() {
     assert_eq!(paging_transition(CR0_PG, 0, 0), Err(GpFault), "PG without PE");
     assert_eq!(paging_transition(CR0_PG | CR0_PE, 0, EFER_LME), Err(GpFault), "long mode without PAE");
@@ -216,7 +267,7 @@ fn fatal_exits_end_the_guest_with_reasons() {
         other => panic!("expected Kill, got {other:?}"),
     };
     assert!(kill(handle_exit(&mut c, &mut p, decode(2, 0, 0, 0, 0), 0)).contains("triple fault"));
-    assert!(kill(handle_exit(&mut c, &mut p, decode(48, 2, 0xfee0_0000, 0, 0), 0)).contains("write at guest-physical 0xfee00000"));
+    assert!(kill(handle_exit(&mut c, &mut p, decode(48, 2, 0xfec0_0000, 0, 0), 0)).contains("write at guest-physical 0xfec00000"));
     assert!(kill(handle_exit(&mut c, &mut p, decode(33 | 1 << 31, 0, 0, 0, 0), 0)).contains("VM entry failed"));
     assert!(kill(handle_exit(&mut c, &mut p, decode(9, 0, 0, 0, 0), 0)).contains("unsupported VM exit (reason 9"));
     assert_eq!(handle_exit(&mut c, &mut p, decode(12, 0, 0, 0, 0), 0), Action::Halt);
