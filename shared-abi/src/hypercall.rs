@@ -148,6 +148,13 @@ macro_rules! for_each_hypercall {
             /// Privileged: write `HvStats` (free memory, event channels, grants
             /// and mappings in use) to `out`.
             43 DOMCTL_STATS DomctlStats domctl_stats(out: GuestVa) [PV - DOM0];
+            /// Privileged: create and start an HVM DomU from boot module
+            /// `module` (an index into the `domctl_modules` list), which must
+            /// be a multiboot kernel; `spec` (a `DomainCreate`) gives its name,
+            /// memory and weight, and the `cmdline_len` bytes at `cmdline` (at
+            /// most 1024) its multiboot command line. Returns its domid;
+            /// -ENOSYS where the CPU has no usable VT-x.
+            50 DOMCTL_CREATE_HVM DomctlCreateHvm domctl_create_hvm(spec: GuestVa, module: u64, cmdline: GuestVa, cmdline_len: u64) [PV - DOM0];
         }
     };
 }

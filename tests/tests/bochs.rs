@@ -34,7 +34,8 @@ fn grub_boots_the_pv_demo_and_hvm_domus_in_bochs() {
             "hvm1: read of unknown port 0x2f8 (1 bytes): reads as all ones, writes ignored",
             "domain 1 'hvm1' ended: poweroff",
             "domain 3 'hvm2' ended: poweroff",
-            "microhv: summary: 5 domains ran: dom0 poweroff, hvm1 poweroff, hvm2 poweroff, domu1 poweroff, domu2 poweroff; exit success",
+            "domain 6 'hvm3' ended: poweroff",
+            "microhv: summary: 6 domains ran: dom0 poweroff, hvm1 poweroff, hvm2 poweroff, domu1 poweroff, domu2 poweroff, hvm3 poweroff; exit success",
         ],
     );
     assert_contains(
@@ -58,6 +59,11 @@ fn grub_boots_the_pv_demo_and_hvm_domus_in_bochs() {
             "[dom0] console backend: hvm1 disconnected (domain ended)",
             "[dom0] console backend: hvm2 disconnected (domain ended)",
             "[dom0] toolstack: created domu1 (domain 4) from domu1.toml",
+            // The fallback through Dom0's toolstack: `kind = "auto"` and an
+            // image without the PV note.
+            "[dom0] toolstack: created hvm3 (domain 6) from hvm3.toml: HVM, 2048 pages, kernel domu-hvm.elf",
+            "[hvm3] hvm3 up: HVM guest, multiboot ok",
+            "[hvm3] done: ",
             "pingpong with domain 5 (front end): sent 256, received 256 answers, 0 wrong",
             "pingpong with domain 4 (back end): served 256 requests",
         ],

@@ -534,6 +534,9 @@ impl BochsRun {
         // A multiboot module for hvm1 (any file will do: a configuration).
         modules.insert(2, "domu1.toml for=hvm1".into());
         modules.insert(3, PVHVM_DEMO_MODULE.into());
+        // And one that Dom0's toolstack creates from a configuration.
+        modules.push("domu-hvm.elf".into());
+        modules.push("hvm3.toml".into());
         BochsRun {
             images: images.clone(),
             modules,

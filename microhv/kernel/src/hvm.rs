@@ -653,17 +653,76 @@ fn free_ept(ept: &Ept<EptFrames>) {
 /// PV note). Refused, with the reason, when VT-x is not usable.
 pub fn create(hv: &mut Hv, id: DomId, file: &[u8], args: &str) -> Result<usize, String> {
     let c = Cmdline(args);
-    let name = c.get("name").unwrap_or("hvm").to_string();
+    let name = c.get("name").unwrap_or("hvm");
+    let nr_pages = c.get("mem").and_then(domain::parse_pages).unwrap_or(2048);
+    let weight = c.get("weight").and_then(|w| w.parse::<u16>().ok()).unwrap_or(DEFAULT_WEIGHT);
+    build(hv, id, file, name, nr_pages, weight, c.get("cmdline").unwrap_or(args))
+}
+
+/// `domctl_create_hvm`: Dom0's toolstack asks for an HVM domain from one of
+/// the boot modules it was handed. Returns the new domid.
+pub fn domctl_create_hvm(
+    hv: &mut Hv,
+    cur: usize,
+    spec: shared_abi::GuestVa,
+    module: u64,
+    cmdline: shared_abi::GuestVa,
+    cmdline_len: u64,
+) -> Result<u64, shared_abi::Errno> {
+    use shared_abi::Errno;
+    let mut b = [0u8; 56];
+    crate::hypercall::read_guest(hv, cur, spec, &mut b)?;
+    let nr = u64::from_le_bytes(b[0..8].try_into().unwrap_or_default());
+    let weight = u16::from_le_bytes([b[16], b[17]]);
+    let end = b[24..56].iter().position(|&c| c == 0).unwrap_or(32);
+    let name = core::str::from_utf8(&b[24..24 + end]).map_err(|_| Errno::EINVAL)?.to_string();
+    if name.is_empty() || weight == 0 || cmdline_len > 1024 {
+        return Err(Errno::EINVAL);
+    }
+    let mut cmd = alloc::vec![0u8; cmdline_len as usize];
+    crate::hypercall::read_guest(hv, cur, cmdline, &mut cmd)?;
+    let cmd = String::from_utf8(cmd).map_err(|_| Errno::EINVAL)?;
+    let m = *hv.dom0_modules.get(usize::try_from(module).map_err(|_| Errno::EINVAL)?).ok_or(Errno::EINVAL)?;
+    if hv.domains.iter().any(|d| d.ended.is_none() && d.name == name) {
+        return Err(Errno::EEXIST);
+    }
+    if Vmx::available().is_err() {
+        log::warn!("domctl_create_hvm '{name}': refused: {}", Vmx::available().err().unwrap_or_default());
+        return Err(Errno::ENOSYS);
+    }
+    // A copy of the image: the module's frames are Dom0's.
+    let mut image = alloc::vec![0u8; m.size as usize];
+    for (i, chunk) in image.chunks_mut(4096).enumerate() {
+        Identity.read_bytes(Mfn(m.start_mfn + i as u64), 0, chunk);
+    }
+    let id = DomId(hv.next_domid);
+    if hv.next_domid >= DomId::INVALID.0 {
+        return Err(Errno::ENOSPC);
+    }
+    match build(hv, id, &image, &name, nr, weight, &cmd) {
+        Ok(_) => {
+            hv.next_domid += 1;
+            Ok(id.0 as u64)
+        }
+        Err(e) => {
+            log::warn!("domctl_create_hvm: {e}");
+            Err(Errno::EINVAL)
+        }
+    }
+}
+
+/// Builds and starts an HVM domain `name` with `nr_pages` of memory from a
+/// multiboot kernel image.
+fn build(hv: &mut Hv, id: DomId, file: &[u8], name: &str, nr_pages: u64, weight: u16, cmdline: &str) -> Result<usize, String> {
+    let name = name.to_string();
     if let Err(why) = Vmx::available() {
         return Err(format!("{name}: HVM domain refused: {why}"));
     }
     // Guest memory, then two pages outside it (not in the EPT) for the
     // console and store rings shared with Dom0.
-    let nr_pages = c.get("mem").and_then(domain::parse_pages).unwrap_or(2048);
     if !(512..=262_144).contains(&nr_pages) {
         return Err(format!("{name}: HVM memory must be 2 MiB .. 1 GiB"));
     }
-    let weight = c.get("weight").and_then(|w| w.parse::<u16>().ok()).unwrap_or(DEFAULT_WEIGHT);
     let mem_end = (nr_pages - 1) * 4096;
     let image = loader::parse_multiboot_kernel(file, mem_end).map_err(|e| format!("{name}: not a usable multiboot kernel: {e}"))?;
     let idx = domain::alloc_domain(hv, id, &name, nr_pages + 2, nr_pages + 2, weight, false)?;
@@ -677,7 +736,6 @@ pub fn create(hv: &mut Hv, id: DomId, file: &[u8], args: &str) -> Result<usize, 
         let from = s.file_offset as usize;
         write_guest_phys(&frames, s.gpa, &file[from..from + s.filesz as usize]);
     }
-    let cmdline = c.get("cmdline").unwrap_or(args);
     write_guest_phys(&frames, loader::MBI_GPA, &loader::multiboot_info(mem_end, cmdline, &[]));
     let boot = BootPage { mem_end, cmdline: cmdline.to_string(), next_free: image.end(), modules: Vec::new() };
     // The last page is microhv's shared_info for the domain (events for hybrid guests).

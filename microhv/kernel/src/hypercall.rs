@@ -79,7 +79,7 @@ fn guest_va(va: GuestVa, len: u64) -> Result<u64, Errno> {
     Ok(va.0)
 }
 
-fn read_guest(hv: &Hv, cur: usize, va: GuestVa, buf: &mut [u8]) -> Result<(), Errno> {
+pub(crate) fn read_guest(hv: &Hv, cur: usize, va: GuestVa, buf: &mut [u8]) -> Result<(), Errno> {
     let d = &hv.domains[cur];
     let at = guest_va(va, buf.len() as u64)?;
     hv.frames.copy_from_guest(&Identity, d.id, d.vcpu.cr3, at, buf)
@@ -359,6 +359,9 @@ pub(crate) fn dispatch(hv: &mut Hv, cur: usize, call: Call) -> Outcome {
                 bytes[i * 64 + 16..i * 64 + 64].copy_from_slice(&m.name);
             }
             Ret(write_guest(hv, cur, out, &bytes).map(|_| n as u64))
+        }
+        Call::DomctlCreateHvm { spec, module, cmdline, cmdline_len } => {
+            Ret(crate::hvm::domctl_create_hvm(hv, cur, spec, module, cmdline, cmdline_len))
         }
         Call::DomctlCreate { spec } => {
             let mut b = [0u8; 56];
