@@ -466,7 +466,7 @@ extern "C" fn hvm_main(magic: u32, mbi: u32) -> ! {
     // Like the PV DomUs, which wait for Dom0's store: let Dom0's start-up
     // (building DomUs in hypercalls that are not preemptible) pass before
     // timing anything. `settle=0` skips it.
-    let settle: u64 = arg(cmd, "settle").and_then(|s| s.parse().ok()).unwrap_or(1000);
+    let settle: u64 = arg(cmd, "settle").and_then(|s| s.parse().ok()).unwrap_or(2000);
     if settle > 0 {
         one_shot(settle * 1_000_000);
         wait_ticks(1);

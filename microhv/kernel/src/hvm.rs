@@ -620,6 +620,9 @@ struct BootPage {
     modules: Vec<loader::GuestModule>,
 }
 
+/// Largest kernel image `domctl_create_hvm` copies.
+const HVM_IMAGE_MAX: u64 = 8 << 20;
+
 /// UART output waiting for Dom0 beyond this is printed by microhv itself.
 const CONSOLE_BACKLOG: usize = 8192;
 
@@ -690,8 +693,14 @@ pub fn domctl_create_hvm(
         log::warn!("domctl_create_hvm '{name}': refused: {}", Vmx::available().err().unwrap_or_default());
         return Err(Errno::ENOSYS);
     }
-    // A copy of the image: the module's frames are Dom0's.
-    let mut image = alloc::vec![0u8; m.size as usize];
+    // A copy of the image (the module's frames are Dom0's), from the heap:
+    // refused, not a crash, when it does not fit.
+    if m.size > HVM_IMAGE_MAX {
+        return Err(Errno::E2BIG);
+    }
+    let mut image = Vec::new();
+    image.try_reserve_exact(m.size as usize).map_err(|_| Errno::ENOMEM)?;
+    image.resize(m.size as usize, 0);
     for (i, chunk) in image.chunks_mut(4096).enumerate() {
         Identity.read_bytes(Mfn(m.start_mfn + i as u64), 0, chunk);
     }
