@@ -39,8 +39,9 @@ pub trait HwExtension {
     fn available() -> Result<(), String>;
     /// Prepares a vCPU that starts a multiboot kernel at `entry` in 32-bit
     /// protected mode (EAX = boot magic, EBX = `mbi`), with guest memory
-    /// described by the second-level table root `npt_root`.
-    fn create_vcpu(entry: u32, mbi: u32, npt_root: u64) -> Result<Self::Vcpu, String>;
+    /// described by the second-level tables `npt` (the EPTP for VT-x, the
+    /// nested CR3 for SVM).
+    fn create_vcpu(entry: u32, mbi: u32, npt: u64) -> Result<Self::Vcpu, String>;
     /// Runs the vCPU until the next exit and decodes it.
     fn run(vcpu: &mut Self::Vcpu) -> Result<VmExit, String>;
     /// Releases the hardware state.
