@@ -760,6 +760,41 @@ fn pvhvm(name: &str) -> ! {
         "VMCALL with guest-physical pointers: memory_query {q} -> {} pages, evtchn_status(port {port}) {s} -> state {state}, grant_access(dom0, gfn {gfn:#x}) -> gref {gref}, grant_end -> {end}, sched_poll 5 ms -> {poll} after {pm}.{pf:03} ms",
         info[0]
     );
+    // grant_copy goes through the grant checks (nobody granted us
+    // anything, so they refuse it); a loopback event channel to ourselves.
+    let me = leaf[3] as u64;
+    let mut got = [0u64; 8];
+    let rec = shared_abi::hypercall::GrantCopy {
+        granter: 0,
+        _pad: 0,
+        gref: 7,
+        offset: 0,
+        len: 64,
+        local_va: got.as_mut_ptr() as u64,
+        flags: 0,
+        _pad2: 0,
+    };
+    // SAFETY: `rec` and `got` are ours (guest-physical = virtual here).
+    let copied = unsafe { vmcall(nr::GRANT_COPY, [&rec as *const _ as u64, 0, 0]) };
+    // SAFETY: a record address past our memory: microhv must refuse it.
+    let far = unsafe { vmcall(nr::GRANT_COPY, [0x3000_0000, 0, 0]) };
+    // SAFETY: no pointer arguments.
+    let p1 = unsafe { vmcall(nr::EVTCHN_ALLOC_UNBOUND, [me, 0, 0]) };
+    // SAFETY: no pointer arguments.
+    let p2 = unsafe { vmcall(nr::EVTCHN_BIND_INTERDOMAIN, [me, p1 as u64, 0]) };
+    // SAFETY: no pointer arguments.
+    unsafe { vmcall(nr::EVTCHN_UNMASK, [p1 as u64, 0, 0]) };
+    let before = EVENTS.load(Ordering::SeqCst);
+    // SAFETY: no pointer arguments.
+    let sent = unsafe { vmcall(nr::EVTCHN_SEND, [p2 as u64, 0, 0]) };
+    let t0 = system_ns();
+    while EVENTS.load(Ordering::SeqCst) == before && system_ns() - t0 < 100_000_000 {
+        core::hint::spin_loop();
+    }
+    println!(
+        "domid {me}: grant_copy of a grant never made -> {copied}, of a record past my memory -> {far}; loopback event channel {p1} <-> {p2}: send {sent}, event {}",
+        if EVENTS.load(Ordering::SeqCst) > before { "delivered" } else { "NOT DELIVERED" }
+    );
     // What the table does not allow an HVM guest.
     // SAFETY: no pointer arguments.
     let list = unsafe { vmcall(nr::DOMCTL_LIST, [0, 0, 0]) };

@@ -783,6 +783,7 @@ fn build(hv: &mut Hv, id: DomId, file: &[u8], name: &str, nr_pages: u64, weight:
         apic_timer_khz: (platform::lapic::TIMER_HZ / 1000) as u32,
         evtchn_vector: platform::EVTCHN_VECTOR,
         shared_info_gfn: (nr_pages - 1) as u32,
+        domid: id.0,
     };
     let d = &mut hv.domains[idx];
     d.hvm = Some(Box::new(HvmDomain { vcpu, ept, platform: Platform::new(policy), pv_timer: None, console_pending: Vec::new(), boot, polling: false }));
@@ -980,8 +981,8 @@ fn vmcall(hv: &mut Hv, idx: usize) -> bool {
             }
             out
         }
-        // grant_copy (a GrantCopy record with guest addresses) is not
-        // offered to HVM guests yet.
+        // The GrantCopy record and the local buffer are guest-physical.
+        Ok(Call::GrantCopy { op }) => Outcome::Ret(hvm_grant_copy(hv, idx, op.0)),
         Ok(_) => Outcome::Ret(Err(Errno::ENOSYS)),
     };
     if let Ok(Call::SetTimer { deadline_ns }) = call {
@@ -1007,6 +1008,24 @@ fn vmcall(hv: &mut Hv, idx: usize) -> bool {
         // The call ended the domain.
         None => true,
     }
+}
+
+/// `grant_copy` for an HVM guest: the same checks as PV
+/// (`hypercall::grant_copy_plan`), copies to and from guest-physical memory.
+fn hvm_grant_copy(hv: &Hv, idx: usize, op: u64) -> Result<u64, shared_abi::Errno> {
+    let d = &hv.domains[idx];
+    let mut b = [0u8; 32];
+    read_guest_phys(guest_frames(d), op, &mut b)?;
+    let p = crate::hypercall::grant_copy_plan(hv, d.id, &b)?;
+    let mut buf = alloc::vec![0u8; p.len];
+    if p.to_granted {
+        read_guest_phys(guest_frames(d), p.local, &mut buf)?;
+        Identity.write_bytes(p.mfn, p.offset, &buf);
+    } else {
+        Identity.read_bytes(p.mfn, p.offset, &mut buf);
+        write_guest_checked(d, p.local, &buf)?;
+    }
+    Ok(p.len as u64)
 }
 
 /// The frames of a domain's guest-physical memory (without the two ring

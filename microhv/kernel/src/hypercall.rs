@@ -709,16 +709,41 @@ fn grant_copy(hv: &mut Hv, cur: usize, op: GuestVa) -> Result<u64, Errno> {
     use microhv_core::machine::MachineMemory;
     let mut b = [0u8; 32];
     read_guest(hv, cur, op, &mut b)?;
-    let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+    let p = grant_copy_plan(hv, hv.domains[cur].id, &b)?;
+    let mut buf = vec![0u8; p.len];
+    if p.to_granted {
+        read_guest(hv, cur, GuestVa(p.local), &mut buf)?;
+        Identity.write_bytes(p.mfn, p.offset, &buf);
+    } else {
+        Identity.read_bytes(p.mfn, p.offset, &mut buf);
+        write_guest(hv, cur, GuestVa(p.local), &buf)?;
+    }
+    Ok(p.len as u64)
+}
+
+/// A checked `GrantCopy`: the granted frame and which way to copy. The
+/// caller copies between it and its own memory (PV: virtual addresses; HVM:
+/// guest-physical ones).
+pub(crate) struct GrantCopyPlan {
+    pub mfn: Mfn,
+    pub offset: usize,
+    pub len: usize,
+    pub local: u64,
+    pub to_granted: bool,
+}
+
+/// Checks the `GrantCopy` record `b` of domain `id` against the grant and
+/// the frame's current owner and type.
+pub(crate) fn grant_copy_plan(hv: &Hv, id: shared_abi::DomId, b: &[u8; 32]) -> Result<GrantCopyPlan, Errno> {
+    let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
     let granter = shared_abi::DomId(u16::from_le_bytes([b[0], b[1]]));
     let (gref, offset, len) = (u32_at(4), u32_at(8) as usize, u32_at(12) as usize);
-    let local = GuestVa(u64::from_le_bytes(b[16..24].try_into().unwrap()));
+    let local = u64::from_le_bytes([b[16], b[17], b[18], b[19], b[20], b[21], b[22], b[23]]);
     let flags = u32_at(24);
     if flags & !GRANT_COPY_TO_GRANTED != 0 || offset.checked_add(len).is_none_or(|e| e > 4096) {
         return Err(Errno::EINVAL);
     }
     let to_granted = flags & GRANT_COPY_TO_GRANTED != 0;
-    let id = hv.domains[cur].id;
     let mfn = hv.grants.check(granter, gref, id, to_granted)?;
     // The grant names a frame, but the granter may have changed it since
     // (pinned it as a page table, released it): check it now, every time.
@@ -729,15 +754,7 @@ fn grant_copy(hv: &mut Hv, cur: usize, op: GuestVa) -> Result<u64, Errno> {
     if to_granted && (info.ty != microhv_core::pvmm::FrameType::Writable || info.special) {
         return Err(Errno::EACCES);
     }
-    let mut buf = vec![0u8; len];
-    if to_granted {
-        read_guest(hv, cur, local, &mut buf)?;
-        Identity.write_bytes(mfn, offset, &buf);
-    } else {
-        Identity.read_bytes(mfn, offset, &mut buf);
-        write_guest(hv, cur, local, &buf)?;
-    }
-    Ok(len as u64)
+    Ok(GrantCopyPlan { mfn, offset, len, local, to_granted })
 }
 
 /// The index of a live DomU that domain control may act on (never Dom0).

@@ -30,6 +30,8 @@ pub struct CpuidPolicy {
     pub evtchn_vector: u8,
     /// Guest frame number of the domain's `shared_info` page.
     pub shared_info_gfn: u32,
+    /// The domain's id.
+    pub domid: u16,
 }
 /// Last leaf of the range reserved for hypervisors.
 pub const HV_LEAF_LAST: u32 = 0x4fff_ffff;
@@ -50,7 +52,8 @@ fn sig_word(i: usize) -> u32 {
 /// - 0x4000_0000: max hypervisor leaf 0x4000_0010 and the signature
 ///   `"microhvmicro"` in EBX, ECX, EDX.
 /// - 0x4000_0001: EAX = the ABI version as `major << 16 | minor`, EBX = the
-///   event-channel upcall vector, ECX = the `shared_info` guest frame.
+///   event-channel upcall vector, ECX = the `shared_info` guest frame, EDX =
+///   the domain id.
 /// - 0x4000_0010: EAX = TSC kHz, EBX = APIC timer kHz (from `policy`).
 /// - the rest of 0x4000_0000..=0x4fff_ffff: zeros.
 /// - Everything else passes through unchanged.
@@ -63,7 +66,7 @@ pub fn filter(leaf: u32, subleaf: u32, host: [u32; 4], policy: &CpuidPolicy) -> 
             [a, b & 0x00ff_ffff, c, d]
         }
         HV_LEAF_BASE => [HV_LEAF_TIMING, sig_word(0), sig_word(4), sig_word(8)],
-        HV_LEAF_VERSION => [shared_abi::abi_version_packed() as u32, policy.evtchn_vector as u32, policy.shared_info_gfn, 0],
+        HV_LEAF_VERSION => [shared_abi::abi_version_packed() as u32, policy.evtchn_vector as u32, policy.shared_info_gfn, policy.domid as u32],
         HV_LEAF_TIMING => [policy.tsc_khz, policy.apic_timer_khz, 0, 0],
         l if (HV_LEAF_BASE..=HV_LEAF_LAST).contains(&l) => [0; 4],
         _ => host,
@@ -74,7 +77,7 @@ pub fn filter(leaf: u32, subleaf: u32, host: [u32; 4], policy: &CpuidPolicy) -> 
 mod tests {
     use super::*;
 
-    const P: CpuidPolicy = CpuidPolicy { tsc_khz: 2_000_000, apic_timer_khz: 100_000, evtchn_vector: 0xf3, shared_info_gfn: 0x7ff };
+    const P: CpuidPolicy = CpuidPolicy { tsc_khz: 2_000_000, apic_timer_khz: 100_000, evtchn_vector: 0xf3, shared_info_gfn: 0x7ff, domid: 7 };
 
     #[test]
     fn leaf1_hides_vmx_and_sets_hypervisor() {
@@ -108,7 +111,7 @@ mod tests {
     fn version_leaf() {
         let (major, minor) = shared_abi::ABI_VERSION;
         let out = filter(0x4000_0001, 0, [9, 9, 9, 9], &P);
-        assert_eq!(out, [(major as u32) << 16 | minor as u32, 0xf3, 0x7ff, 0]);
+        assert_eq!(out, [(major as u32) << 16 | minor as u32, 0xf3, 0x7ff, 7]);
     }
 
     #[test]
