@@ -69,6 +69,8 @@ pub struct Vmx;
 // Controls (SDM vol. 3, chapter 25).
 const PIN_EXT_INT: u32 = 1 << 0;
 const PIN_NMI: u32 = 1 << 3;
+const PIN_PREEMPTION_TIMER: u32 = 1 << 6;
+const IA32_VMX_MISC: u32 = 0x485;
 const PROC_INT_WINDOW: u32 = 1 << 2;
 const PROC_HLT: u32 = 1 << 7;
 const PROC_MWAIT: u32 = 1 << 10;
@@ -230,7 +232,10 @@ fn setup_vmcs(entry: u32, eptp: u64) -> Result<(), String> {
     let w = |r: Result<(), VmxError>| r.map_err(|e| err("VMWRITE", e));
     let true_ctls = vmx::capability(IA32_VMX_BASIC) & (1 << 55) != 0;
     let pick = |plain: u32, tru: u32| if true_ctls { tru } else { plain };
-    let pin = control(PIN_EXT_INT | PIN_NMI, pick(IA32_VMX_PINBASED, IA32_VMX_TRUE_PINBASED), "pin-based")?;
+    let pin_msr = pick(IA32_VMX_PINBASED, IA32_VMX_TRUE_PINBASED);
+    // The VMX preemption timer ends time slices where the CPU has it.
+    let timer = if vmx::capability(pin_msr) >> 32 & PIN_PREEMPTION_TIMER as u64 != 0 { PIN_PREEMPTION_TIMER } else { 0 };
+    let pin = control(PIN_EXT_INT | PIN_NMI | timer, pin_msr, "pin-based")?;
     let proc = control(
         PROC_HLT | PROC_MWAIT | PROC_UNCOND_IO | PROC_MONITOR | PROC_SECONDARY,
         pick(IA32_VMX_PROCBASED, IA32_VMX_TRUE_PROCBASED),
@@ -900,8 +905,8 @@ pub fn destroy(d: &mut domain::Domain, h: Box<HvmDomain>) {
     let name = &d.name;
     let s = &platform.stats;
     log::info!(
-        "{name}: {} VM exits (I/O {}, MSR {}, APIC MMIO {}, CPUID {}, HLT {}, CR {}, host interrupts {}, VMCALL {}), {} interrupts injected, {} unknown ports, {} refused MSR accesses",
-        s.exits, s.io, s.msr, s.mmio, s.cpuid, s.hlt, s.cr, s.external, s.vmcall, platform.lapic.injected, s.unknown_ports, s.unknown_msrs
+        "{name}: {} VM exits (I/O {}, MSR {}, APIC MMIO {}, CPUID {}, HLT {}, CR {}, host interrupts {}, preemption timer {}, VMCALL {}), {} interrupts injected, {} unknown ports, {} refused MSR accesses",
+        s.exits, s.io, s.msr, s.mmio, s.cpuid, s.hlt, s.cr, s.external, s.preempted, s.vmcall, platform.lapic.injected, s.unknown_ports, s.unknown_msrs
     );
     Vmx::destroy_vcpu(vcpu);
     free_ept(&ept);
@@ -1064,9 +1069,17 @@ fn read_guest_phys(p2m: &[Mfn], gpa: u64, buf: &mut [u8]) -> Result<(), shared_a
 
 /// Before an entry: fire the virtual timer, then inject the highest pending
 /// interrupt if the guest can take it, or ask for an exit when it can.
-fn prepare_entry(h: &mut HvmDomain, now: u64) {
+fn prepare_entry(h: &mut HvmDomain, now: u64, slice_end: u64) {
     h.platform.lapic.tick(now);
     let v = &mut CurrentVmcs;
+    // The rest of the slice on the VMX preemption timer, which counts TSC
+    // ticks divided by 2^(IA32_VMX_MISC[4:0]).
+    if PinBasedControls::read(v).unwrap_or(0) & PIN_PREEMPTION_TIMER != 0 {
+        let ns = slice_end.saturating_sub(now) as u128;
+        let ticks = ns * time::tsc_hz() as u128 / 1_000_000_000;
+        let shift = vmx::capability(IA32_VMX_MISC) & 0x1f;
+        let _ = PreemptionTimerValue::write(v, (ticks >> shift).min(u32::MAX as u128) as u32);
+    }
     let busy = h.vcpu.reinject.is_some() || EntryInterruptionInfo::read(v).unwrap_or(0) & INTR_VALID != 0;
     let proc = ProcBasedControls::read(v).unwrap_or(0);
     let mut window = false;
@@ -1090,6 +1103,7 @@ fn prepare_entry(h: &mut HvmDomain, now: u64) {
 /// when the scheduler must pick again (slice over, vCPU blocked or ended).
 pub fn run(hv: &mut Hv, idx: usize) -> bool {
     let now = time::nanos_since_boot();
+    let slice_end = hv.slice_end;
     let name = hv.domains[idx].name.clone();
     // A hybrid guest's set_timer deadline: its VIRQ_TIMER event (a vector).
     if let Some(h) = hv.domains[idx].hvm.as_mut() {
@@ -1109,7 +1123,7 @@ pub fn run(hv: &mut Hv, idx: usize) -> bool {
         domain::kill(hv, idx, e);
         return true;
     }
-    prepare_entry(h, now);
+    prepare_entry(h, now, slice_end);
     let exit = match Vmx::run(&mut h.vcpu) {
         Ok(e) => e,
         Err(e) => {
@@ -1151,7 +1165,12 @@ pub fn run(hv: &mut Hv, idx: usize) -> bool {
             }
             vector == apic::TIMER_VECTOR && now >= hv.slice_end
         }
-        Action::Preempted => true,
+        Action::Preempted => {
+            if let Some(h) = hv.domains[idx].hvm.as_mut() {
+                h.platform.stats.preempted += 1;
+            }
+            true
+        }
         Action::Halt => {
             let Some(h) = hv.domains[idx].hvm.as_mut() else { return true };
             h.platform.lapic.tick(now);

@@ -128,6 +128,8 @@ pub struct ExitStats {
     pub external: u64,
     pub vmcall: u64,
     pub mmio: u64,
+    /// Slices ended by the preemption timer.
+    pub preempted: u64,
     pub unknown_ports: u32,
     /// MSR accesses refused with #GP (unknown MSR or bad value).
     pub unknown_msrs: u32,
