@@ -412,6 +412,24 @@ pub fn handle_exit<C: GuestCpu>(cpu: &mut C, p: &mut Platform, exit: VmExit, now
             }
             Action::Resume
         }
+        // CR8 is the APIC's task priority (bits 7:4 of the TPR).
+        VmExit::CrAccess { cr: 8, kind, gpr } => {
+            p.stats.cr += 1;
+            let r = match kind {
+                CrAccessKind::MovTo if cpu.gpr(gpr) <= 15 => p.lapic.write_msr(lapic::MSR_FIRST + 8, cpu.gpr(gpr) << 4, now),
+                CrAccessKind::MovFrom => {
+                    let tpr = p.lapic.read_msr(lapic::MSR_FIRST + 8, now).unwrap_or(0);
+                    cpu.set_gpr(gpr, tpr >> 4);
+                    Ok(())
+                }
+                _ => Err(GpFault),
+            };
+            match r {
+                Ok(()) => cpu.skip_instruction(),
+                Err(GpFault) => cpu.inject_exception(VEC_GP, Some(0)),
+            }
+            Action::Resume
+        }
         VmExit::CrAccess { cr, kind, gpr } => {
             p.stats.cr += 1;
             let r = match kind {

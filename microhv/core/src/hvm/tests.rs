@@ -238,6 +238,21 @@ fn xapic_accesses_are_decoded_and_emulated() {
 }
 
 #[test]
+fn cr8_is_the_task_priority() {
+    let (mut c, mut p) = (cpu(), plat());
+    c.gpr[3] = 4;
+    // MOV CR8, RBX; then MOV RAX, CR8.
+    assert_eq!(handle_exit(&mut c, &mut p, decode(28, 8 | 3 << 8, 0, 0, 0), 0), Action::Resume);
+    assert_eq!(p.lapic.read_msr(0x808, 0), Ok(0x40));
+    handle_exit(&mut c, &mut p, decode(28, 8 | 1 << 4, 0, 0, 0), 0);
+    assert_eq!(c.gpr[0], 4);
+    // Reserved bits: #GP.
+    c.gpr[3] = 16;
+    handle_exit(&mut c, &mut p, decode(28, 8 | 3 << 8, 0, 0, 0), 0);
+    assert_eq!(c.injected, vec![(VEC_GP, Some(0))]);
+}
+
+#[test]
 fn long_mode_switch_rules() {
     assert_eq!(paging_transition(CR0_PG, 0, 0), Err(GpFault), "PG without PE");
     assert_eq!(paging_transition(CR0_PG | CR0_PE, 0, EFER_LME), Err(GpFault), "long mode without PAE");
