@@ -99,7 +99,7 @@ fn hostile_hvm_guests_are_ended_or_refused_while_the_others_run_on() {
     let mut run = BochsRun::new(&images_for_tests());
     run.dir_name = "bochs-hostile".into();
     run.modules = vec!["dom0.elf name=dom0".into(), "domu.elf name=domu1".into(), "domu-hvm.elf name=hvm1 mem=4M settle=0".into()];
-    for a in ["ept", "hvwrite", "vmcall", "triple", "storm"] {
+    for a in ["ept", "hvwrite", "vmcall", "triple", "storm", "exit"] {
         run.modules.push(format!("domu-hvm.elf name=x-{a} attack={a} mem=4M settle=0"));
     }
     let r = run.run().expect("Bochs could not be started");
@@ -117,6 +117,8 @@ fn hostile_hvm_guests_are_ended_or_refused_while_the_others_run_on() {
             "'x-ept' ended: killed: EPT violation: read at guest-physical 0x20000000",
             "'x-hvwrite' ended: killed: EPT violation: write at guest-physical 0x30000000",
             "'x-triple' ended: killed: triple fault",
+            // Port 0xf4 with a non-zero value: an exit code, not a clean end.
+            "'x-exit' ended: powered off with exit code 7",
             // Errors for bad hypercalls, a capped storm: these finish cleanly.
             "'x-vmcall' ended: poweroff",
             "'x-storm' ended: poweroff",
@@ -124,7 +126,7 @@ fn hostile_hvm_guests_are_ended_or_refused_while_the_others_run_on() {
             "'hvm1' ended: poweroff",
             "'domu1' ended: poweroff",
             "'dom0' ended: poweroff",
-            "microhv: summary: 8 domains ran: dom0 poweroff, domu1 poweroff, hvm1 poweroff, x-ept killed: EPT violation",
+            "microhv: summary: 9 domains ran: dom0 poweroff, domu1 poweroff, hvm1 poweroff, x-ept killed: EPT violation",
         ],
     );
     // What the guests printed (microhv's log lines taken out, see above).

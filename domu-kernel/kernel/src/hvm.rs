@@ -640,6 +640,11 @@ fn attack(name: &str, which: &str) {
             );
             return;
         }
+        // Not an attack: power off with a failure code, as a test harness would.
+        "exit" => {
+            println!("attack exit: powering off with exit code 7");
+            power_off(7);
+        }
         other => println!("unknown attack {other:?}"),
     }
     power_off(4)
