@@ -19,3 +19,51 @@ pub fn assert_frames_returned(out: &str) {
     assert_eq!(nums.len(), 2, "unexpected memory line: {line}");
     assert_eq!(nums[0], nums[1], "frames not all returned: {line}");
 }
+
+/// The console text with microhv's log lines (`[  1.234567] INFO  ...`)
+/// taken out. microhv logs in ring 0 while Dom0 may be half-way through
+/// printing a guest's line on the same UART, so a log line can land in
+/// the middle of another; without them, every guest line reads whole again.
+pub fn without_log_lines(out: &str) -> String {
+    let bytes = out.as_bytes();
+    let mut text = String::with_capacity(out.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if let Some(len) = log_line_at(&out[i..]) {
+            i += len;
+            continue;
+        }
+        let ch = out[i..].chars().next().expect("in bounds");
+        text.push(ch);
+        i += ch.len_utf8();
+    }
+    text
+}
+
+/// Length (newline included) of a microhv log line starting at `s`.
+fn log_line_at(s: &str) -> Option<usize> {
+    let rest = s.strip_prefix('[')?;
+    let close = rest.find(']')?;
+    let stamp = rest[..close].trim_start();
+    let (secs, frac) = stamp.split_once('.')?;
+    if secs.is_empty() || frac.is_empty() || !secs.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let after = &rest[close + 1..];
+    if !["ERROR", "WARN", "INFO", "DEBUG", "TRACE"].iter().any(|l| after.strip_prefix(' ').is_some_and(|a| a.starts_with(l))) {
+        return None;
+    }
+    let end = after.find('\n').map_or(after.len(), |n| n + 1);
+    Some(1 + close + 1 + end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_lines_inside_guest_lines_are_taken_out() {
+        let out = "[hvm1] hvm1 up: HVM[    2.690445] WARN  hvm1: rdmsr refused\n guest, ok\n[dom0] x [1.5] y\n[   10.000001] INFO  done\n";
+        assert_eq!(without_log_lines(out), "[hvm1] hvm1 up: HVM guest, ok\n[dom0] x [1.5] y\n");
+    }
+}

@@ -96,6 +96,8 @@ pub struct Images {
     pub domu: PathBuf,
     /// The hostile test guest (attack chosen by `attack=` on its module line).
     pub hostile: PathBuf,
+    /// The HVM flavour of the demo DomU (a plain multiboot kernel).
+    pub domu_hvm: PathBuf,
 }
 
 impl Images {
@@ -106,6 +108,7 @@ impl Images {
             dom0: dir.join("dom0.elf"),
             domu: dir.join("domu.elf"),
             hostile: dir.join("hostile.elf"),
+            domu_hvm: dir.join("domu-hvm.elf"),
         }
     }
 }
@@ -154,6 +157,9 @@ pub fn build_images(release: bool) -> Result<Images> {
             std::fs::copy(&path, out.join(path.file_name().expect("file name")))?;
         }
     }
+    build_hvm_guest(&root, release)?;
+    std::fs::copy(root.join("target/kernel-hvm").join(KERNEL_TARGET).join(profile).join("domu-kernel"), &images.domu_hvm)
+        .context("copying the HVM demo guest")?;
     for (from, to) in [
         ("microhv", &images.microhv),
         ("dom0", &images.dom0),
@@ -163,6 +169,33 @@ pub fn build_images(release: bool) -> Result<Images> {
         std::fs::copy(built.join(from), to).with_context(|| format!("copying {from} to {}", to.display()))?;
     }
     Ok(images)
+}
+
+/// Builds the HVM flavour of the demo DomU (same crate, feature `hvm`) in
+/// its own target directory, so the PV build keeps its features.
+fn build_hvm_guest(root: &Path, release: bool) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root).args([
+        "build",
+        "--target",
+        KERNEL_TARGET,
+        "--target-dir",
+        "target/kernel-hvm",
+        "-p",
+        "domu-kernel",
+        "--no-default-features",
+        "--features",
+        "hvm",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    cmd.env_remove("RUSTFLAGS").env_remove("CARGO_BUILD_TARGET");
+    if !cmd.status().context("running cargo build for the HVM guest")?.success() {
+        bail!("building the HVM demo guest failed");
+    }
+    Ok(())
 }
 
 /// Images for the system tests: from `MICROHV_IMAGE_DIR` when `cargo xtask
@@ -497,6 +530,11 @@ mod tests {
     }
 }
 
+/// The module line of the HVM demo DomU.
+pub const HVM_DEMO_MODULE: &str = "domu-hvm.elf name=hvm1 boot mem=8M xapic";
+/// The same image as a hybrid guest (VMCALL console, event channels).
+pub const PVHVM_DEMO_MODULE: &str = "domu-hvm.elf name=hvm2 boot mem=8M pvhvm";
+
 /// Debian packages for the Bochs path (VT-x lives only there on our machines).
 pub const BOCHS_PACKAGES: &[(&str, &str)] = &[
     ("bochs", "bochs"),
@@ -524,18 +562,37 @@ pub struct BochsRun {
     pub cmdline: String,
     pub timeout: Duration,
     pub echo: bool,
+    /// Working directory (ISO, bochsrc, serial log) under the image directory.
+    pub dir_name: String,
 }
 
 impl BochsRun {
+    /// The QEMU demo plus the HVM DomU (with a boot module) and its hybrid
+    /// (PVHVM) twin (`domu-hvm.elf`, built by microhv at boot: `boot` on
+    /// their lines), next to Dom0 so they get domain ids 1 and 3.
     pub fn new(images: &Images) -> BochsRun {
-        let q = QemuRun::new(images);
-        BochsRun { images: images.clone(), modules: q.modules, cmdline: String::new(), timeout: Duration::from_secs(300), echo: false }
+        let mut modules = QemuRun::new(images).modules;
+        modules.insert(1, HVM_DEMO_MODULE.into());
+        // A multiboot module for hvm1 (any file will do: a configuration).
+        modules.insert(2, "domu1.toml for=hvm1".into());
+        modules.insert(3, PVHVM_DEMO_MODULE.into());
+        // And one that Dom0's toolstack creates from a configuration.
+        modules.push("domu-hvm.elf".into());
+        modules.push("hvm3.toml".into());
+        BochsRun {
+            images: images.clone(),
+            modules,
+            cmdline: String::new(),
+            timeout: Duration::from_secs(300),
+            echo: false,
+            dir_name: "bochs".into(),
+        }
     }
 
     /// Builds the ISO and boots it; the outcome comes from the serial output
     /// (Bochs exits with status 1 both on shutdown and on a panic).
     pub fn run(&self) -> Result<RunResult> {
-        let dir = self.images.dir.join("bochs");
+        let dir = self.images.dir.join(&self.dir_name);
         let iso_root = dir.join("iso");
         let boot = iso_root.join("boot");
         std::fs::create_dir_all(boot.join("grub"))?;

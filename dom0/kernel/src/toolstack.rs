@@ -30,6 +30,8 @@ pub struct Module {
     pub name: String,
     pub file: String,
     pub bytes: &'static [u8],
+    /// Its index in microhv's module list (for `domctl_create_hvm`).
+    pub index: u64,
 }
 
 /// Pages needed to map every module Dom0 was given (0 without a toolstack).
@@ -55,7 +57,8 @@ pub fn map_modules(slots: &mut Vec<u64>) -> Vec<Module> {
         }
     };
     let mut out = Vec::new();
-    for m in &infos[..n] {
+    for (index, m) in infos[..n].iter().enumerate() {
+        let index = index as u64;
         let end = m.name.iter().position(|&b| b == 0).unwrap_or(m.name.len());
         let name = String::from_utf8_lossy(&m.name[..end]).into_owned();
         // GRUB passes the module's path ("/boot/domu.elf ..."): keep the file name.
@@ -103,7 +106,7 @@ pub fn map_modules(slots: &mut Vec<u64>) -> Vec<Module> {
         mm::invlpg(u64::MAX);
         // SAFETY: `pages` consecutive slots now map the module read-only.
         let bytes = unsafe { core::slice::from_raw_parts(vas[0] as *const u8, m.size as usize) };
-        out.push(Module { name, file, bytes });
+        out.push(Module { name, file, bytes, index });
     }
     out
 }
@@ -184,6 +187,33 @@ impl MachineMemory for ForeignMemory {
     }
 }
 
+/// An HVM guest: microhv loads the multiboot kernel itself (it has no PV
+/// page tables for Dom0 to build); Dom0 names the module and the sizes.
+fn create_hvm(cfg_module: &Module, cfg: &config::DomainConfig, image: &Module) -> Result<DomId, String> {
+    let mut spec = DomainCreate { nr_pages: cfg.memory_pages, max_pages: cfg.max_pages, weight: cfg.weight, ..Default::default() };
+    let n = cfg.name.len().min(31);
+    spec.name[..n].copy_from_slice(&cfg.name.as_bytes()[..n]);
+    let cmd = cfg.cmdline.as_bytes();
+    // SAFETY: the pointer arguments are live locals of this function.
+    let r = unsafe {
+        hc::domctl_create_hvm(GuestVa(&spec as *const _ as u64), image.index, GuestVa(cmd.as_ptr() as u64), cmd.len() as u64)
+    };
+    let domid = match r {
+        Ok(id) => DomId(id as u16),
+        Err(e) if e == Errno::ENOSYS => {
+            return Err(format!("{}: {} is not a PV image, and microhv cannot run HVM guests here (no VT-x): {e}", cfg_module.file, cfg.kernel))
+        }
+        Err(e) => return Err(format!("{}: create HVM domain from {}: {e}", cfg_module.file, cfg.kernel)),
+    };
+    if !QUIET.load(core::sync::atomic::Ordering::Relaxed) {
+        println!(
+            "toolstack: created {} (domain {}) from {}: HVM, {} pages, kernel {}",
+            cfg.name, domid.0, cfg_module.file, cfg.memory_pages, cfg.kernel
+        );
+    }
+    Ok(domid)
+}
+
 /// Creates and starts the domain that `cfg_module` describes. On any error
 /// nothing is left behind, and the message names the file.
 /// Creates `count` domains from one configuration, named `<name>1`,
@@ -200,7 +230,7 @@ pub fn spawn(m: &Module, modules: &[Module], scratch: &[u64], count: u32) -> u32
             .collect();
         // The module must live as long as the domain may be re-created.
         let bytes: &'static [u8] = alloc::boxed::Box::leak(renamed.into_bytes().into_boxed_slice());
-        let copy = Module { name: m.name.clone(), file: m.file.clone(), bytes };
+        let copy = Module { name: m.name.clone(), file: m.file.clone(), bytes, index: m.index };
         match create(&copy, modules, scratch) {
             Ok(_) => made += 1,
             Err(e) => {
@@ -239,12 +269,7 @@ pub fn create(cfg_module: &Module, modules: &[Module], scratch: &[u64]) -> Resul
         })?;
     match config::validate(&cfg, &cfg_module.file, image.bytes).map_err(|e| format!("{e}"))? {
         LaunchKind::Pv => {}
-        LaunchKind::Hvm => {
-            return Err(format!(
-                "{}: {} is not a PV image, and HVM guests are not supported yet",
-                cfg_module.file, cfg.kernel
-            ))
-        }
+        LaunchKind::Hvm => return create_hvm(cfg_module, &cfg, image),
     }
     let img = builder::parse_pv_image(image.bytes).map_err(|e| format!("{}: {}", cfg.kernel, e))?;
     // Names identify domains in the shell: one live domain per name.

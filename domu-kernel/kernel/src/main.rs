@@ -1,6 +1,11 @@
 //! The demo DomU: a small PV guest kernel that shows each PV service at
 //! work — timers and sleeping, memory ballooning through the PV MMU,
 //! yielding, events — and shuts down cleanly.
+//!
+//! With the `hvm` feature (and without the default `pv`) the same demo is
+//! built as an unmodified multiboot1 kernel for microhv's HVM platform
+//! (`hvm.rs`): it knows no hypercalls, only the UART, the x2APIC timer and
+//! HLT, and powers off through port 0xf4.
 #![cfg_attr(target_os = "none", no_std)]
 #![cfg_attr(target_os = "none", no_main)]
 
@@ -10,10 +15,16 @@ fn main() {
     std::process::exit(2);
 }
 
-#[cfg(target_os = "none")]
+#[cfg(all(target_os = "none", not(feature = "hvm")))]
 mod bench;
 
-#[cfg(target_os = "none")]
+#[cfg(all(feature = "pv", feature = "hvm"))]
+compile_error!("build the HVM flavour with --no-default-features --features hvm");
+
+#[cfg(all(target_os = "none", feature = "hvm"))]
+mod hvm;
+
+#[cfg(all(target_os = "none", not(feature = "hvm")))]
 mod guest {
     extern crate alloc;
     use core::sync::atomic::{AtomicU64, Ordering};

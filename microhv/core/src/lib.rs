@@ -12,6 +12,7 @@ pub mod ept;
 pub mod evtchn;
 pub mod frame;
 pub mod grant;
+pub mod hvm;
 pub mod machine;
 pub mod memmap;
 pub mod multiboot;

@@ -83,6 +83,9 @@ struct Entry {
     cpu_time: u64,
     /// Woken since it last ran: runs next, but only for a short slice.
     boosted: bool,
+    /// Preempted by a wake-up: what was left of its slice, which is all it
+    /// gets when it runs again (not a fresh slice).
+    remaining: Option<u64>,
 }
 
 /// The weighted round-robin scheduler for one physical CPU.
@@ -103,7 +106,7 @@ impl Scheduler {
     /// Adding an id that exists already (alive or dead) starts it afresh.
     pub fn add(&mut self, v: VcpuId, weight: u16) {
         self.dequeue(v);
-        self.vcpus.insert(v, Entry { state: RunState::Runnable, weight: weight.max(1), cpu_time: 0, boosted: false });
+        self.vcpus.insert(v, Entry { state: RunState::Runnable, weight: weight.max(1), cpu_time: 0, boosted: false, remaining: None });
         self.queue.push_back(v);
     }
 
@@ -194,17 +197,30 @@ impl Scheduler {
         }
         match self.queue.front() {
             Some(&vcpu) => {
-                let (weight, boosted) = self.vcpus.get_mut(&vcpu).map_or((DEFAULT_WEIGHT, false), |e| {
+                let (weight, boosted, remaining) = self.vcpus.get_mut(&vcpu).map_or((DEFAULT_WEIGHT, false, None), |e| {
                     let b = e.boosted;
                     e.boosted = false;
-                    (e.weight, b)
+                    (e.weight, b, e.remaining.take())
                 });
                 // A boosted (just woken) vCPU jumps the queue for at most
                 // MIN_SLICE_NS, so waking often cannot starve the others.
-                let slice = if boosted { slice_for(weight).min(MIN_SLICE_NS) } else { slice_for(weight) };
+                let full = if boosted { slice_for(weight).min(MIN_SLICE_NS) } else { slice_for(weight) };
+                // A vCPU that a wake-up preempted finishes its old slice only,
+                // so frequent wake-ups cannot keep it at the head forever.
+                let slice = remaining.map_or(full, |r| r.clamp(1, full));
                 Decision::Run { vcpu, slice_ns: slice }
             }
             None => Decision::Idle { until: self.next_wakeup() },
+        }
+    }
+
+    /// Records that a wake-up preempted `v` (it keeps its place at the head)
+    /// with `remaining_ns` of its slice left: its next run lasts that long.
+    pub fn preempted(&mut self, v: VcpuId, remaining_ns: u64) {
+        if let Some(e) = self.vcpus.get_mut(&v) {
+            if e.state == RunState::Runnable {
+                e.remaining = Some(remaining_ns.min(e.remaining.unwrap_or(u64::MAX)));
+            }
         }
     }
 
@@ -280,6 +296,60 @@ mod tests {
         assert_eq!(s.pick_next(0, None), Decision::Run { vcpu: VcpuId(0), slice_ns: MIN_SLICE_NS });
         s.set_weight(VcpuId(0), 512);
         assert_eq!(s.pick_next(0, Some(VcpuId(0))), Decision::Run { vcpu: VcpuId(0), slice_ns: 20_000_000 });
+    }
+
+    /// A busy vCPU preempted again and again by a vCPU that wakes often
+    /// must not get a fresh slice each time, or a third one never runs.
+    #[test]
+    fn frequent_wakeups_do_not_starve_a_third_vcpu() {
+        let mut s = Scheduler::new();
+        let (busy, waker, third) = (VcpuId(0), VcpuId(1), VcpuId(2));
+        for v in [busy, waker, third] {
+            s.add(v, DEFAULT_WEIGHT);
+        }
+        s.block(waker, None);
+        let mut now = 0;
+        let mut slice_end;
+        let mut cur = match s.pick_next(now, None) {
+            Decision::Run { vcpu, slice_ns } => {
+                slice_end = now + slice_ns;
+                vcpu
+            }
+            d => panic!("{d:?}"),
+        };
+        assert_eq!(cur, busy);
+        let mut third_ran = false;
+        for _ in 0..200 {
+            // Every 1 ms the waker wakes, runs briefly and blocks again.
+            now += 1_000_000;
+            if now >= slice_end {
+                match s.pick_next(now, Some(cur)) {
+                    Decision::Run { vcpu, slice_ns } => {
+                        cur = vcpu;
+                        slice_end = now + slice_ns;
+                    }
+                    d => panic!("{d:?}"),
+                }
+            }
+            third_ran |= cur == third;
+            if cur == waker {
+                continue;
+            }
+            s.wake(waker);
+            s.preempted(cur, slice_end - now);
+            let Decision::Run { vcpu, .. } = s.pick_next(now, None) else { panic!() };
+            assert_eq!(vcpu, waker);
+            s.block(waker, None);
+            match s.pick_next(now, None) {
+                Decision::Run { vcpu, slice_ns } => {
+                    cur = vcpu;
+                    slice_end = now + slice_ns;
+                }
+                d => panic!("{d:?}"),
+            }
+            s.check_invariants();
+        }
+        assert!(third_ran, "the third vCPU never ran");
     }
 
     #[test]

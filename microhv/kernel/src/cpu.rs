@@ -235,3 +235,31 @@ pub fn set_guest_port_access(allow: bool) {
         }
     }
 }
+
+/// A VM exit leaves TR's limit at 0x67 (which cuts off the I/O bitmap) and
+/// the GDTR/IDTR limits at 0xffff (SDM vol. 3, "Loading Host Segment and
+/// Descriptor-Table Registers"): reload all three as `init` left them.
+pub fn restore_after_vm_exit() {
+    // SAFETY: single CPU, interrupts off (we are handling a VM exit). As in
+    // `init`: the busy bit is cleared and TR loaded while the GDTR points at
+    // the writable identity mapping, then the GDTR goes back to the alias.
+    unsafe {
+        let gdt = &mut *core::ptr::addr_of_mut!(GDT);
+        gdt[7] &= !(0x2 << 40);
+        let limit = (size_of::<[u64; 9]>() - 1) as u16;
+        let gdtr = DescriptorPointer { limit, base: gdt.as_ptr() as u64 };
+        let gdtr_alias = DescriptorPointer { limit, base: crate::trap::alias_of(gdt.as_ptr() as u64) };
+        let idt = addr_of!(IDT) as u64;
+        let idtr = DescriptorPointer { limit: (size_of::<[IdtEntry; 256]>() - 1) as u16, base: crate::trap::alias_of(idt) };
+        asm!(
+            "lgdt [{gdtr}]",
+            "ltr {tss:x}",
+            "lgdt [{gdtr_alias}]",
+            "lidt [{idtr}]",
+            gdtr = in(reg) &gdtr,
+            gdtr_alias = in(reg) &gdtr_alias,
+            idtr = in(reg) &idtr,
+            tss = in(reg) TSS_SEL as u64,
+        );
+    }
+}

@@ -33,6 +33,8 @@ pub enum EndReason {
     Killed(String),
     /// Dom0's toolstack destroyed it.
     Destroyed,
+    /// An HVM guest wrote this non-zero code to port 0xf4.
+    ExitCode(u32),
 }
 
 impl EndReason {
@@ -45,6 +47,7 @@ impl EndReason {
             EndReason::CrashRequested(r) => alloc::format!("crash (requested, reason {r})"),
             EndReason::Killed(why) => alloc::format!("killed: {why}"),
             EndReason::Destroyed => "destroyed by dom0".into(),
+            EndReason::ExitCode(c) => alloc::format!("powered off with exit code {c}"),
         }
     }
 }
@@ -89,6 +92,8 @@ pub struct Domain {
     pub channels: Option<shared_abi::hypercall::DomainChannels>,
     /// What microhv did for this domain (`domain_counters`).
     pub counters: shared_abi::hypercall::DomainCounters,
+    /// HVM domains: the VT-x vCPU, EPT and emulated platform (`hvm.rs`).
+    pub hvm: Option<alloc::boxed::Box<crate::hvm::HvmDomain>>,
 }
 
 pub struct Hv {
@@ -186,7 +191,7 @@ impl Domain {
         true
     }
 
-    fn write_time_record(&self) {
+    pub fn write_time_record(&self) {
         let (mul, shift) = tsc_scale(time::tsc_hz());
         let mut rec = [0u8; 32];
         rec[0..4].copy_from_slice(&2u32.to_le_bytes());
@@ -222,7 +227,7 @@ impl Domain {
 }
 
 /// Parses sizes like `16M`, `512K`, `4096` (bytes) into pages.
-fn parse_pages(s: &str) -> Option<u64> {
+pub fn parse_pages(s: &str) -> Option<u64> {
     let (num, mult) = match s.as_bytes().last()? {
         b'M' | b'm' => (&s[..s.len() - 1], 1 << 20),
         b'K' | b'k' => (&s[..s.len() - 1], 1 << 10),
@@ -297,6 +302,7 @@ pub fn alloc_domain(
         building: true,
         weight,
         channels: None,
+        hvm: None,
         p2m: frames,
         counters: Default::default(),
     };
@@ -519,9 +525,21 @@ pub fn start(modules: &[(&'static [u8], String)], hv_l4_entry: u64, device_frame
     // With `toolstack` on Dom0's module line, microhv builds only Dom0 and
     // hands the other modules (configurations and images) to it.
     let toolstack = modules.first().is_some_and(|(_, a)| Cmdline(a).flag("toolstack"));
+    let mut last_boot_id = 0u16;
     for (i, (file, args)) in modules.iter().enumerate() {
         let id = DomId(i as u16);
-        if toolstack && i > 0 {
+        // `for=<name>` on a module line: a multiboot module of that HVM guest.
+        if let Some(target) = Cmdline(args).get("for") {
+            if let Err(e) = crate::hvm::add_module(&mut hv, target, file, args) {
+                log::error!("module {i} ({args}): {e}");
+                failed += 1;
+            }
+            continue;
+        }
+        // `boot` on a module line: microhv builds that domain itself even
+        // when Dom0 runs the toolstack (how HVM guests start today).
+        let boot = Cmdline(args).flag("boot");
+        if toolstack && i > 0 && !boot {
             let start = file.as_ptr() as u64;
             let first = start / 4096;
             let last = (start + file.len() as u64).div_ceil(4096);
@@ -541,17 +559,26 @@ pub fn start(modules: &[(&'static [u8], String)], hv_l4_entry: u64, device_frame
             continue;
         }
         if !builder::has_pv_note(file) {
-            log::error!("module {i} ({args}): not a PV image (no microhv ELF note); HVM guests are not supported yet");
-            failed += 1;
+            // The fallback: an image without the PV note runs as HVM.
+            match crate::hvm::create(&mut hv, id, file, args) {
+                Ok(_) => last_boot_id = id.0,
+                Err(e) => {
+                    log::error!("module {i}: not a PV image (no microhv ELF note), and it cannot run as HVM: {e}");
+                    failed += 1;
+                }
+            }
             continue;
         }
-        if let Err(e) = create(&mut hv, id, file, args, i == 0) {
-            log::error!("module {i}: could not build the domain: {e}");
-            failed += 1;
+        match create(&mut hv, id, file, args, i == 0) {
+            Ok(_) => last_boot_id = id.0,
+            Err(e) => {
+                log::error!("module {i}: could not build the domain: {e}");
+                failed += 1;
+            }
         }
     }
     // Domids are never reused: the toolstack's start after the boot modules'.
-    hv.next_domid = if toolstack { 1 } else { modules.len() as u16 };
+    hv.next_domid = if toolstack { last_boot_id + 1 } else { modules.len() as u16 };
     if hv.domains.is_empty() {
         println!("microhv: no domain could be started ({failed} failed); powering off");
         power::off(shared_abi::exit::FAILURE);
@@ -763,6 +790,10 @@ pub fn raise(hv: &mut Hv, idx: usize, port: u32) {
         return;
     }
     if d.raise_port(port) {
+        // HVM guests get the upcall as an injected vector.
+        if let Some(h) = d.hvm.as_mut() {
+            h.platform.lapic.raise(microhv_core::hvm::EVTCHN_VECTOR);
+        }
         // A vCPU sleeping in sched_poll returns 1 ("woken by an event"). Only
         // then: its saved RAX is live guest state at any other time.
         let blocked = matches!(hv.sched.state(VcpuId(idx)), Some(microhv_core::sched::RunState::Blocked { .. }));
@@ -790,6 +821,9 @@ pub fn unmask(hv: &mut Hv, idx: usize, port: u32) {
         let sel = si_u64(d.shared_info, OFF_SEL);
         si_set_u64(d.shared_info, OFF_SEL, sel | (1 << w));
         si_set_u8(d.shared_info, OFF_PENDING, 1);
+        if let Some(h) = hv.domains[idx].hvm.as_mut() {
+            h.platform.lapic.raise(microhv_core::hvm::EVTCHN_VECTOR);
+        }
         hv.sched.wake(VcpuId(idx));
     }
 }
@@ -820,6 +854,9 @@ pub fn end(hv: &mut Hv, idx: usize, reason: EndReason) {
         return;
     }
     flush_console(&mut hv.domains[idx]);
+    if let Some(h) = hv.domains[idx].hvm.take() {
+        crate::hvm::destroy(&mut hv.domains[idx], h);
+    }
     let id = hv.domains[idx].id;
     // Order: page tables first (which reports the grant mappings it drops),
     // then the grant map counts, then the domain's own grants and channels.
@@ -897,7 +934,12 @@ fn fire_timers(hv: &mut Hv, now: u64) {
             if t <= now {
                 d.vcpu.timer_deadline = None;
                 log::debug!("timer of {} fired {} us late", d.name, (now - t) / 1000);
-                send_virq(hv, i, shared_abi::hypercall::VIRQ_TIMER);
+                if d.hvm.is_some() {
+                    // HVM: wake it; its next entry sorts out which timer fired.
+                    hv.sched.wake(VcpuId(i));
+                } else {
+                    send_virq(hv, i, shared_abi::hypercall::VIRQ_TIMER);
+                }
             }
         }
     }
@@ -909,7 +951,7 @@ fn earliest_timer(hv: &Hv) -> Option<u64> {
 
 /// Picks what runs next and loads it into `frame`; idles (halting) while
 /// nothing is runnable; powers off when every domain has ended.
-pub fn schedule(frame: &mut TrapFrame, force: bool) {
+pub fn schedule(frame: &mut TrapFrame, mut force: bool) {
     loop {
         let mut g = HV.lock();
         let hv = g.as_mut().expect("domains exist");
@@ -935,6 +977,10 @@ pub fn schedule(frame: &mut TrapFrame, force: bool) {
                 && now < hv.slice_end
                 && matches!(hv.sched.state(VcpuId(c)), Some(microhv_core::sched::RunState::Runnable))
         });
+        let preempted_by_wake = woke && now < hv.slice_end && !force;
+        if let (None, Some(c), true) = (keep, cur, preempted_by_wake) {
+            hv.sched.preempted(VcpuId(c), hv.slice_end - now);
+        }
         let next = match keep {
             Some(c) => Some(c),
             // Preempted by a wake-up (not at the end of its slice), the current
@@ -992,6 +1038,14 @@ pub fn schedule(frame: &mut TrapFrame, force: bool) {
             hv.current = Some(n);
             hv.ran_since = now;
             hv.domains[n].counters.switches_in += 1;
+        }
+        // An HVM vCPU runs here, in VMX non-root mode, until an exit needs
+        // the scheduler; then the loop picks again.
+        if hv.domains[n].hvm.is_some() {
+            let deadline = [earliest_timer(hv), hv.sched.next_wakeup()].into_iter().flatten().fold(hv.slice_end, u64::min);
+            apic::arm_oneshot(deadline.saturating_sub(now).max(1000));
+            force = crate::hvm::run(hv, n);
+            continue;
         }
         // Deliver a due event upcall before returning to the guest.
         let d = &hv.domains[n];

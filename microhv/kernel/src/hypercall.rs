@@ -13,13 +13,32 @@ use shared_abi::types::{GuestVa, Mfn};
 use shared_abi::{Errno, HYPERVISOR_VA_START};
 
 /// What the dispatcher must do after a handler.
-enum Outcome {
+pub(crate) enum Outcome {
     /// Return the value (or error) in RAX and continue the guest.
     Ret(Result<u64, Errno>),
     /// The handler set the registers itself (iret).
     Resumed,
     /// Give up the CPU (yield, block, shutdown).
     Reschedule(Result<u64, Errno>),
+}
+
+/// The `EvtchnStatus` record of `port` of domain `id` (PV and HVM callers
+/// copy it out their own way).
+pub(crate) fn evtchn_status_record(hv: &Hv, id: shared_abi::DomId, port: u64) -> Result<[u8; 16], Errno> {
+    use microhv_core::evtchn::ChannelState::*;
+    let port = u32::try_from(port).map_err(|_| Errno::EINVAL)?;
+    let (state, dom, detail) = match hv.evtchn.status(id, port)? {
+        Free => (EVTCHN_STATE_FREE, 0, 0),
+        Unbound { remote } => (EVTCHN_STATE_UNBOUND, remote.0, 0),
+        Interdomain { remote, remote_port } => (EVTCHN_STATE_INTERDOMAIN, remote.0, remote_port),
+        Virq(v) => (EVTCHN_STATE_VIRQ, 0, v),
+        Pirq(p) => (EVTCHN_STATE_PIRQ, 0, p),
+    };
+    let mut b = [0u8; 16];
+    b[0..4].copy_from_slice(&state.to_le_bytes());
+    b[4..6].copy_from_slice(&dom.to_le_bytes());
+    b[8..12].copy_from_slice(&detail.to_le_bytes());
+    Ok(b)
 }
 
 /// Handles the hypercall in the current vCPU's saved registers. Returns true
@@ -60,7 +79,7 @@ fn guest_va(va: GuestVa, len: u64) -> Result<u64, Errno> {
     Ok(va.0)
 }
 
-fn read_guest(hv: &Hv, cur: usize, va: GuestVa, buf: &mut [u8]) -> Result<(), Errno> {
+pub(crate) fn read_guest(hv: &Hv, cur: usize, va: GuestVa, buf: &mut [u8]) -> Result<(), Errno> {
     let d = &hv.domains[cur];
     let at = guest_va(va, buf.len() as u64)?;
     hv.frames.copy_from_guest(&Identity, d.id, d.vcpu.cr3, at, buf)
@@ -78,7 +97,7 @@ fn read_u64s(hv: &Hv, cur: usize, va: GuestVa, count: u64) -> Result<alloc::vec:
     Ok(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect())
 }
 
-fn dispatch(hv: &mut Hv, cur: usize, call: Call) -> Outcome {
+pub(crate) fn dispatch(hv: &mut Hv, cur: usize, call: Call) -> Outcome {
     use Outcome::*;
     match call {
         Call::Version { cmd } => Ret(match cmd {
@@ -256,25 +275,8 @@ fn dispatch(hv: &mut Hv, cur: usize, call: Call) -> Outcome {
             Ret(r.map(|_| 0))
         }
         Call::EvtchnStatus { port, out } => {
-            use microhv_core::evtchn::ChannelState::*;
             let id = hv.domains[cur].id;
-            let Ok(port) = u32::try_from(port) else { return Ret(Err(Errno::EINVAL)) };
-            let st = match hv.evtchn.status(id, port) {
-                Ok(s) => s,
-                Err(e) => return Ret(Err(e)),
-            };
-            let (state, dom, detail) = match st {
-                Free => (EVTCHN_STATE_FREE, 0, 0),
-                Unbound { remote } => (EVTCHN_STATE_UNBOUND, remote.0, 0),
-                Interdomain { remote, remote_port } => (EVTCHN_STATE_INTERDOMAIN, remote.0, remote_port),
-                Virq(v) => (EVTCHN_STATE_VIRQ, 0, v),
-                Pirq(p) => (EVTCHN_STATE_PIRQ, 0, p),
-            };
-            let mut b = [0u8; 16];
-            b[0..4].copy_from_slice(&state.to_le_bytes());
-            b[4..6].copy_from_slice(&dom.to_le_bytes());
-            b[8..12].copy_from_slice(&detail.to_le_bytes());
-            Ret(write_guest(hv, cur, out, &b).map(|_| 0))
+            Ret(evtchn_status_record(hv, id, port).and_then(|b| write_guest(hv, cur, out, &b)).map(|_| 0))
         }
         Call::EvtchnUnmask { port } => {
             let Ok(port) = u32::try_from(port) else { return Ret(Err(Errno::EINVAL)) };
@@ -357,6 +359,9 @@ fn dispatch(hv: &mut Hv, cur: usize, call: Call) -> Outcome {
                 bytes[i * 64 + 16..i * 64 + 64].copy_from_slice(&m.name);
             }
             Ret(write_guest(hv, cur, out, &bytes).map(|_| n as u64))
+        }
+        Call::DomctlCreateHvm { spec, module, cmdline, cmdline_len } => {
+            Ret(crate::hvm::domctl_create_hvm(hv, cur, spec, module, cmdline, cmdline_len))
         }
         Call::DomctlCreate { spec } => {
             let mut b = [0u8; 56];
@@ -774,16 +779,41 @@ fn grant_copy(hv: &mut Hv, cur: usize, op: GuestVa) -> Result<u64, Errno> {
     use microhv_core::machine::MachineMemory;
     let mut b = [0u8; 32];
     read_guest(hv, cur, op, &mut b)?;
-    let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+    let p = grant_copy_plan(hv, hv.domains[cur].id, &b)?;
+    let mut buf = vec![0u8; p.len];
+    if p.to_granted {
+        read_guest(hv, cur, GuestVa(p.local), &mut buf)?;
+        Identity.write_bytes(p.mfn, p.offset, &buf);
+    } else {
+        Identity.read_bytes(p.mfn, p.offset, &mut buf);
+        write_guest(hv, cur, GuestVa(p.local), &buf)?;
+    }
+    Ok(p.len as u64)
+}
+
+/// A checked `GrantCopy`: the granted frame and which way to copy. The
+/// caller copies between it and its own memory (PV: virtual addresses; HVM:
+/// guest-physical ones).
+pub(crate) struct GrantCopyPlan {
+    pub mfn: Mfn,
+    pub offset: usize,
+    pub len: usize,
+    pub local: u64,
+    pub to_granted: bool,
+}
+
+/// Checks the `GrantCopy` record `b` of domain `id` against the grant and
+/// the frame's current owner and type.
+pub(crate) fn grant_copy_plan(hv: &Hv, id: shared_abi::DomId, b: &[u8; 32]) -> Result<GrantCopyPlan, Errno> {
+    let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
     let granter = shared_abi::DomId(u16::from_le_bytes([b[0], b[1]]));
     let (gref, offset, len) = (u32_at(4), u32_at(8) as usize, u32_at(12) as usize);
-    let local = GuestVa(u64::from_le_bytes(b[16..24].try_into().unwrap()));
+    let local = u64::from_le_bytes([b[16], b[17], b[18], b[19], b[20], b[21], b[22], b[23]]);
     let flags = u32_at(24);
     if flags & !GRANT_COPY_TO_GRANTED != 0 || offset.checked_add(len).is_none_or(|e| e > 4096) {
         return Err(Errno::EINVAL);
     }
     let to_granted = flags & GRANT_COPY_TO_GRANTED != 0;
-    let id = hv.domains[cur].id;
     let mfn = hv.grants.check(granter, gref, id, to_granted)?;
     // The grant names a frame, but the granter may have changed it since
     // (pinned it as a page table, released it): check it now, every time.
@@ -794,15 +824,7 @@ fn grant_copy(hv: &mut Hv, cur: usize, op: GuestVa) -> Result<u64, Errno> {
     if to_granted && (info.ty != microhv_core::pvmm::FrameType::Writable || info.special) {
         return Err(Errno::EACCES);
     }
-    let mut buf = vec![0u8; len];
-    if to_granted {
-        read_guest(hv, cur, local, &mut buf)?;
-        Identity.write_bytes(mfn, offset, &buf);
-    } else {
-        Identity.read_bytes(mfn, offset, &mut buf);
-        write_guest(hv, cur, local, &buf)?;
-    }
-    Ok(len as u64)
+    Ok(GrantCopyPlan { mfn, offset, len, local, to_granted })
 }
 
 /// The index of a live DomU that domain control may act on (never Dom0).

@@ -23,6 +23,8 @@ mod crash;
 #[cfg(target_os = "none")]
 mod domain;
 #[cfg(target_os = "none")]
+mod hvm;
+#[cfg(target_os = "none")]
 mod hypercall;
 #[cfg(target_os = "none")]
 mod irq;
@@ -173,8 +175,8 @@ mod start {
             selfcheck::baseline();
         }
         match crate::vmx::probe() {
-            Ok(rev) => log::info!("VT-x: VMXON ok, VMCS revision {rev:#x}, VMCS field round trip ok (HVM domains come next)"),
-            Err(why) => log::info!("VT-x: {why}"),
+            Ok(rev) => log::info!("VT-x: VMXON ok, VMCS revision {rev:#x}, VMCS field round trip ok; HVM domains can run"),
+            Err(why) => log::info!("VT-x: {why}; HVM domains will be refused"),
         }
         if info.module_count == 0 {
             println!("microhv: self-check PASSED; no modules, so no domains; powering off");

@@ -2,8 +2,8 @@
 //! logic (field encodings, exit decoding, EPT) is host-tested in
 //! `microhv_core::vmx` / `ept`; this file holds the instructions.
 //!
-//! At this stage microhv only proves the hardware path at boot: it enters VMX
-//! operation and checks a VMCS field round trip. HVM domains come next.
+//! At boot microhv enters VMX operation and checks a VMCS field round trip
+//! ([`probe`]); HVM domains (`hvm.rs`) then use the wrappers here.
 
 use crate::mm;
 use core::arch::asm;
@@ -20,6 +20,58 @@ const IA32_VMX_CR4_FIXED1: u32 = 0x489;
 const FC_LOCK: u64 = 1 << 0;
 const FC_VMXON_OUTSIDE_SMX: u64 = 1 << 2;
 const CR4_VMXE: u64 = 1 << 13;
+const IA32_VMX_EPT_VPID_CAP: u32 = 0x48c;
+
+/// Set once VMXON succeeded at boot.
+static READY: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+static REVISION: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+static WHY_NOT: spin::Mutex<&'static str> = spin::Mutex::new("VT-x was not probed");
+
+/// The VMCS revision when VMX operation is on; otherwise why not.
+pub fn ready() -> Result<u32, &'static str> {
+    if READY.load(core::sync::atomic::Ordering::Relaxed) {
+        Ok(REVISION.load(core::sync::atomic::Ordering::Relaxed))
+    } else {
+        Err(*WHY_NOT.lock())
+    }
+}
+
+/// Reads a VMX capability MSR.
+pub fn capability(msr: u32) -> u64 {
+    // SAFETY: only called after VMXON succeeded, so the VMX capability MSRs
+    // (0x480..0x491) exist; reading them has no side effects.
+    unsafe { Msr::new(msr).read() }
+}
+
+/// VMPTRLD: makes the VMCS at `pa` current.
+pub fn vmptrld(pa: u64) -> Result<(), VmxError> {
+    let flags: u64;
+    // SAFETY: `pa` is a VMCS region of ours (4 KiB, revision written).
+    unsafe { asm!("vmptrld [{p}]", "pushfq", "pop {f}", p = in(reg) &pa, f = out(reg) flags) };
+    check(flags)
+}
+
+/// VMCLEAR: writes the VMCS at `pa` back to memory and marks it clear.
+pub fn vmclear(pa: u64) -> Result<(), VmxError> {
+    let flags: u64;
+    // SAFETY: `pa` is a VMCS region of ours.
+    unsafe { asm!("vmclear [{p}]", "pushfq", "pop {f}", p = in(reg) &pa, f = out(reg) flags) };
+    check(flags)
+}
+
+/// INVEPT (all contexts), when the CPU offers it: drops cached EPT
+/// translations before EPT table frames are reused.
+pub fn invept_all() {
+    let cap = capability(IA32_VMX_EPT_VPID_CAP);
+    // Bit 20: INVEPT supported; bit 26: all-context type.
+    if cap & (1 << 20) == 0 || cap & (1 << 26) == 0 {
+        return;
+    }
+    let desc = [0u64; 2];
+    // SAFETY: INVEPT type 2 (all contexts) with a zero descriptor only drops
+    // cached translations.
+    unsafe { asm!("invept {t}, [{d}]", t = in(reg) 2u64, d = in(reg) &desc) };
+}
 
 /// RFLAGS after a VMX instruction: CF set = VMfailInvalid, ZF set =
 /// VMfailValid (the error number is then in the VM-instruction error field).
@@ -78,8 +130,20 @@ pub fn available() -> bool {
 /// Enters VMX operation and checks a VMCS round trip. Logs what it finds;
 /// returns the VMCS revision on success.
 pub fn probe() -> Result<u32, &'static str> {
+    let r = probe_inner();
+    match r {
+        Ok(rev) => {
+            REVISION.store(rev, core::sync::atomic::Ordering::Relaxed);
+            READY.store(true, core::sync::atomic::Ordering::Relaxed);
+        }
+        Err(why) => *WHY_NOT.lock() = why,
+    }
+    r
+}
+
+fn probe_inner() -> Result<u32, &'static str> {
     if !available() {
-        return Err("this CPU has no VMX (QEMU TCG emulates none); HVM domains will be refused");
+        return Err("this CPU has no VMX (QEMU TCG emulates none)");
     }
     // SAFETY: IA32_FEATURE_CONTROL exists on every CPU with VMX; reading it has no side effects.
     let fc = unsafe { Msr::new(IA32_FEATURE_CONTROL).read() };

@@ -659,6 +659,7 @@ mod guest {
         check("domctl_modules from a DomU", unsafe { hc::domctl_modules(GuestVa(mods.as_mut_ptr() as u64), 2) }, Errno::EPERM);
         let spec = DomainCreate { nr_pages: 512, max_pages: 512, weight: 256, ..Default::default() };
         check("domctl_create from a DomU", unsafe { hc::domctl_create(GuestVa(&spec as *const _ as u64)) }, Errno::EPERM);
+        check("domctl_create_hvm from a DomU", unsafe { hc::domctl_create_hvm(GuestVa(&spec as *const _ as u64), 0, GuestVa(0), 0) }, Errno::EPERM);
         let mut frames = [0u64; 4];
         check("domctl_get_frames of domu1 from a DomU", unsafe { hc::domctl_get_frames(DomId(1), GuestVa(frames.as_mut_ptr() as u64), 4) }, Errno::EPERM);
         check("domctl_map of domu1's frame from a DomU", unsafe { hc::domctl_map(DomId(1), Mfn(0x1000), GuestVa(0x40_0000)) }, Errno::EPERM);

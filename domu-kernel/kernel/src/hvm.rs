@@ -1,0 +1,835 @@
+//! The HVM flavour of the demo DomU: an ordinary multiboot1 kernel. The
+//! boot code switches from 32-bit protected mode to long mode on its own
+//! page tables; then it prints through the 16550 at 0x3f8, sleeps with the
+//! x2APIC timer and HLT, checks what the platform shows it (CPUID, unknown
+//! MSRs and ports), writes and reads back memory, and powers off through
+//! port 0xf4. It knows nothing of hypercalls.
+//!
+//! `pvhvm` on the command line makes it a hybrid (PVHVM) guest: its console
+//! goes through VMCALL `console_write`, and it sleeps with `set_timer` and
+//! the `VIRQ_TIMER` event channel, whose upcalls microhv injects as a vector
+//! ([`pvhvm`]).
+//!
+//! `attack=<name>` on the command line makes it a hostile guest instead
+//! (see [`attack`]); microhv must end it or refuse it, and the others go on.
+
+use core::arch::{asm, global_asm};
+use core::fmt::Write;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use domu_core::{error_permille, ms_parts, pattern, within};
+
+global_asm!(
+    r#"
+    .set MB_MAGIC, 0x1BADB002
+    .set MB_FLAGS, 0x3
+    .section .multiboot, "a"
+    .p2align 2
+    .long MB_MAGIC
+    .long MB_FLAGS
+    .long -(MB_MAGIC + MB_FLAGS)
+
+    .section .text.boot, "ax"
+    .code32
+    .global _start32
+_start32:
+    cli
+    cld
+    mov $hvm_stack_top, %esp
+    mov %eax, %edi
+    mov %ebx, %esi
+    /* Identity map of the first 1 GiB with 2 MiB pages. */
+    mov $hvm_pdpt, %eax
+    or $3, %eax
+    mov %eax, hvm_pml4
+    mov $hvm_pd, %eax
+    or $3, %eax
+    mov %eax, hvm_pdpt
+    /* 3..4 GiB: one 2 MiB page, uncached, for the xAPIC at 0xfee00000. */
+    mov $hvm_pd_hi, %eax
+    or $3, %eax
+    mov %eax, hvm_pdpt + 24
+    movl $(0xfee00000 | 0x9b), hvm_pd_hi + 503 * 8
+    xor %ecx, %ecx
+1:  mov %ecx, %eax
+    shl $21, %eax
+    or $0x83, %eax
+    mov %eax, hvm_pd(,%ecx,8)
+    inc %ecx
+    cmp $512, %ecx
+    jne 1b
+    mov $hvm_pml4, %eax
+    mov %eax, %cr3
+    mov %cr4, %eax
+    or $(1 << 5), %eax
+    mov %eax, %cr4
+    mov $0xC0000080, %ecx
+    rdmsr
+    or $(1 << 8), %eax
+    wrmsr
+    mov %cr0, %eax
+    or $0x80000001, %eax
+    mov %eax, %cr0
+    lgdt hvm_gdtr
+    ljmp $0x08, $hvm_start64
+
+    .code64
+hvm_start64:
+    mov $0x10, %ax
+    mov %ax, %ds
+    mov %ax, %es
+    mov %ax, %ss
+    xor %ax, %ax
+    mov %ax, %fs
+    mov %ax, %gs
+    mov %edi, %edi
+    mov %esi, %esi
+    call hvm_main
+2:  hlt
+    jmp 2b
+
+    /* Interrupt stubs: vector N at hvm_stubs + 16 * N. */
+    .p2align 4
+    .global hvm_stubs
+hvm_stubs:
+    .set vec, 0
+    .rept 256
+    .p2align 4
+    .if (vec == 8) || ((vec >= 10) && (vec <= 14)) || (vec == 17) || (vec == 21)
+    .else
+    push $0
+    .endif
+    push $vec
+    jmp hvm_isr_common
+    .set vec, vec + 1
+    .endr
+hvm_isr_common:
+    push %rax
+    push %rbx
+    push %rcx
+    push %rdx
+    push %rsi
+    push %rdi
+    push %rbp
+    push %r8
+    push %r9
+    push %r10
+    push %r11
+    push %r12
+    push %r13
+    push %r14
+    push %r15
+    mov %rsp, %rdi
+    cld
+    call hvm_interrupt
+    pop %r15
+    pop %r14
+    pop %r13
+    pop %r12
+    pop %r11
+    pop %r10
+    pop %r9
+    pop %r8
+    pop %rbp
+    pop %rdi
+    pop %rsi
+    pop %rdx
+    pop %rcx
+    pop %rbx
+    pop %rax
+    add $16, %rsp
+    iretq
+
+    .section .rodata
+    .p2align 3
+hvm_gdt:
+    .quad 0
+    .quad 0x00AF9B000000FFFF
+    .quad 0x00CF93000000FFFF
+hvm_gdt_end:
+hvm_gdtr:
+    .word hvm_gdt_end - hvm_gdt - 1
+    .long hvm_gdt
+
+    .section .bss
+    .p2align 12
+hvm_pml4: .skip 4096
+hvm_pdpt: .skip 4096
+hvm_pd: .skip 4096
+hvm_pd_hi: .skip 4096
+    .skip 65536
+hvm_stack_top:
+"#,
+    options(att_syntax)
+);
+
+extern "C" {
+    static hvm_stubs: u8;
+}
+
+const TIMER_VECTOR: u8 = 0x30;
+/// Local APIC registers by their xAPIC offset (x2APIC MSR = 0x800 + offset / 16).
+const APIC_EOI: u32 = 0xb0;
+const APIC_SVR: u32 = 0xf0;
+const APIC_LVT_TIMER: u32 = 0x320;
+const APIC_TIMER_INIT: u32 = 0x380;
+const APIC_TIMER_DIVIDE: u32 = 0x3e0;
+const APIC_SELF_IPI: u32 = 0x3f0;
+const XAPIC_BASE: u64 = 0xfee0_0000;
+
+/// `xapic` on the command line: the APIC through its MMIO page, as most
+/// unmodified kernels do; otherwise through the x2APIC MSRs.
+static XAPIC: AtomicBool = AtomicBool::new(false);
+
+fn apic_write(reg: u32, v: u64) {
+    if XAPIC.load(Ordering::Relaxed) {
+        // SAFETY: the xAPIC page is mapped uncached by the boot tables;
+        // each access is one 32-bit MOV, which microhv emulates.
+        unsafe { ((XAPIC_BASE + reg as u64) as *mut u32).write_volatile(v as u32) };
+    } else {
+        wrmsr(0x800 + (reg >> 4), v);
+    }
+}
+
+static TICKS: AtomicU64 = AtomicU64::new(0);
+static INTERRUPTS: AtomicU64 = AtomicU64::new(0);
+/// Set while a #GP is expected from a 2-byte instruction (RDMSR): the
+/// handler skips it and records that it came.
+static EXPECT_GP: AtomicBool = AtomicBool::new(false);
+static GOT_GP: AtomicBool = AtomicBool::new(false);
+static TSC_KHZ: AtomicU64 = AtomicU64::new(1);
+/// Hybrid mode: console through VMCALL, events on `EVTCHN_VECTOR`.
+static PVHVM: AtomicBool = AtomicBool::new(false);
+static EVTCHN_VECTOR: AtomicU64 = AtomicU64::new(0);
+static SHARED_INFO: AtomicU64 = AtomicU64::new(0);
+static EVENTS: AtomicU64 = AtomicU64::new(0);
+
+fn outb(port: u16, v: u8) {
+    // SAFETY: port I/O to the platform's devices; in this guest every port
+    // access exits to microhv, which emulates or refuses it.
+    unsafe { asm!("out dx, al", in("dx") port, in("al") v) };
+}
+
+fn inb(port: u16) -> u8 {
+    let v: u8;
+    // SAFETY: as in outb.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") v) };
+    v
+}
+
+fn wrmsr(msr: u32, v: u64) {
+    // SAFETY: only the x2APIC and EFER MSRs the platform offers are written.
+    unsafe { asm!("wrmsr", in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32) };
+}
+
+/// RDMSR that survives a #GP: None when the MSR faulted.
+fn try_rdmsr(msr: u32) -> Option<u64> {
+    let (lo, hi): (u32, u32);
+    EXPECT_GP.store(true, Ordering::SeqCst);
+    GOT_GP.store(false, Ordering::SeqCst);
+    // SAFETY: a #GP here is caught by `hvm_interrupt`, which skips the
+    // 2-byte instruction (EXPECT_GP); EAX/EDX are then whatever they were.
+    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi) };
+    EXPECT_GP.store(false, Ordering::SeqCst);
+    (!GOT_GP.load(Ordering::SeqCst)).then_some((hi as u64) << 32 | lo as u64)
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: RDTSC has no side effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+fn now_ns() -> u64 {
+    (rdtsc() as u128 * 1_000_000 / TSC_KHZ.load(Ordering::Relaxed) as u128) as u64
+}
+
+fn cpuid(leaf: u32) -> [u32; 4] {
+    let r = core::arch::x86_64::__cpuid_count(leaf, 0);
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
+struct Uart;
+
+impl Uart {
+    fn init() {
+        outb(0x3f9, 0x00);
+        outb(0x3fb, 0x80);
+        outb(0x3f8, 0x01);
+        outb(0x3f9, 0x00);
+        outb(0x3fb, 0x03);
+        outb(0x3fa, 0xc7);
+        outb(0x3fc, 0x0b);
+    }
+    fn put(b: u8) {
+        while inb(0x3fd) & 0x20 == 0 {
+            core::hint::spin_loop();
+        }
+        outb(0x3f8, b);
+    }
+}
+
+impl Write for Uart {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        if PVHVM.load(Ordering::Relaxed) {
+            // SAFETY: console_write reads `s` (guest-physical = virtual here).
+            let _ = unsafe { vmcall(shared_abi::hypercall::nr::CONSOLE_WRITE, [s.as_ptr() as u64, s.len() as u64, 0]) };
+            return Ok(());
+        }
+        for b in s.bytes() {
+            if b == b'\n' {
+                Uart::put(b'\r');
+            }
+            Uart::put(b);
+        }
+        Ok(())
+    }
+}
+
+macro_rules! println {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(Uart, $($arg)*);
+    }};
+}
+
+fn power_off(code: u8) -> ! {
+    outb(0xf4, code);
+    loop {
+        // SAFETY: only reached if the power-off port did nothing.
+        unsafe { asm!("cli", "hlt") };
+    }
+}
+
+#[repr(C)]
+struct Frame {
+    r15: u64,
+    r14: u64,
+    r13: u64,
+    r12: u64,
+    r11: u64,
+    r10: u64,
+    r9: u64,
+    r8: u64,
+    rbp: u64,
+    rdi: u64,
+    rsi: u64,
+    rdx: u64,
+    rcx: u64,
+    rbx: u64,
+    rax: u64,
+    vector: u64,
+    error: u64,
+    rip: u64,
+    cs: u64,
+    rflags: u64,
+    rsp: u64,
+    ss: u64,
+}
+
+#[no_mangle]
+extern "C" fn hvm_interrupt(f: &mut Frame) {
+    match f.vector {
+        13 if EXPECT_GP.load(Ordering::SeqCst) => {
+            GOT_GP.store(true, Ordering::SeqCst);
+            f.rip += 2;
+        }
+        v if v < 32 => {
+            println!("exception {} (error {:#x}) at rip {:#x}; powering off with code 3", v, f.error, f.rip);
+            power_off(3);
+        }
+        v => {
+            INTERRUPTS.fetch_add(1, Ordering::Relaxed);
+            if v == TIMER_VECTOR as u64 {
+                TICKS.fetch_add(1, Ordering::SeqCst);
+            }
+            if v == EVTCHN_VECTOR.load(Ordering::Relaxed) && v != 0 {
+                take_events();
+            }
+            apic_write(APIC_EOI, 0);
+        }
+    }
+}
+
+#[repr(C, packed)]
+struct Pointer {
+    limit: u16,
+    base: u64,
+}
+
+static mut IDT: [[u64; 2]; 256] = [[0; 2]; 256];
+
+fn load_idt() {
+    let stubs = core::ptr::addr_of!(hvm_stubs) as u64;
+    // SAFETY: single vCPU, interrupts off; the IDT is ours and static.
+    unsafe {
+        let idt = &mut *core::ptr::addr_of_mut!(IDT);
+        for (v, e) in idt.iter_mut().enumerate() {
+            let h = stubs + 16 * v as u64;
+            let lo = (h & 0xffff) | (0x08 << 16) | (0x8e00 << 32) | ((h >> 16) & 0xffff) << 48;
+            *e = [lo, h >> 32];
+        }
+        let p = Pointer { limit: (core::mem::size_of::<[[u64; 2]; 256]>() - 1) as u16, base: idt.as_ptr() as u64 };
+        asm!("lidt [{}]", in(reg) &p);
+    }
+}
+
+/// Waits with HLT until the timer has ticked `n` more times.
+fn wait_ticks(n: u64) {
+    let target = TICKS.load(Ordering::SeqCst) + n;
+    while TICKS.load(Ordering::SeqCst) < target {
+        // SAFETY: STI;HLT sleeps until the next interrupt (STI's one-
+        // instruction shadow means none is lost in between); CLI after.
+        unsafe { asm!("sti", "hlt", "cli") };
+    }
+}
+
+fn one_shot(ns: u64) {
+    apic_write(APIC_LVT_TIMER, TIMER_VECTOR as u64);
+    apic_write(APIC_TIMER_INIT, (ns / 10).clamp(1, u32::MAX as u64));
+}
+
+/// The multiboot command line (or "").
+fn cmdline(mbi: u64) -> &'static str {
+    // SAFETY: microhv's multiboot information page is in our memory, which
+    // the boot page tables map; flags bit 2 says the command line is there.
+    unsafe {
+        let flags = (mbi as *const u32).read_volatile();
+        if flags & 4 == 0 {
+            return "";
+        }
+        let p = ((mbi + 16) as *const u32).read_volatile() as u64 as *const u8;
+        let mut n = 0;
+        while n < 1024 && p.add(n).read_volatile() != 0 {
+            n += 1;
+        }
+        core::str::from_utf8(core::slice::from_raw_parts(p, n)).unwrap_or("")
+    }
+}
+
+fn arg<'a>(cmd: &'a str, key: &str) -> Option<&'a str> {
+    cmd.split_ascii_whitespace().find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
+
+/// Lists the multiboot modules with the first line of each.
+fn modules(mbi: u64) {
+    // SAFETY: as in `cmdline`: the information page and the modules microhv
+    // loaded lie in our identity-mapped memory; flags bit 3 says the list is valid.
+    unsafe {
+        let flags = (mbi as *const u32).read_volatile();
+        let count = ((mbi + 20) as *const u32).read_volatile() as u64;
+        let list = ((mbi + 24) as *const u32).read_volatile() as u64;
+        if flags & 8 == 0 || count == 0 {
+            return;
+        }
+        for i in 0..count.min(16) {
+            let e = (list + 16 * i) as *const u32;
+            let (start, end, string) = (e.read_volatile() as u64, e.add(1).read_volatile() as u64, e.add(2).read_volatile() as u64);
+            let len = end.saturating_sub(start) as usize;
+            let bytes = core::slice::from_raw_parts(start as *const u8, len);
+            let first = bytes.split(|&b| b == b'\n').next().unwrap_or(&[]);
+            let first = core::str::from_utf8(&first[..first.len().min(48)]).unwrap_or("(binary)");
+            let mut n = 0;
+            while n < 112 && (string as *const u8).add(n).read_volatile() != 0 {
+                n += 1;
+            }
+            let name = core::str::from_utf8(core::slice::from_raw_parts(string as *const u8, n)).unwrap_or("?");
+            println!("boot module {i}: {name:?} at {start:#x}, {len} bytes, first line {first:?}");
+        }
+    }
+}
+
+fn mem_upper_kib(mbi: u64) -> u64 {
+    // SAFETY: as in `cmdline`; mem_upper is at offset 8.
+    unsafe { ((mbi + 8) as *const u32).read_volatile() as u64 }
+}
+
+const WORK_PAGES: usize = 64;
+static mut WORK: [[u64; 512]; WORK_PAGES] = [[0; 512]; WORK_PAGES];
+
+#[no_mangle]
+extern "C" fn hvm_main(magic: u32, mbi: u32) -> ! {
+    Uart::init();
+    load_idt();
+    let mbi = mbi as u64;
+    let cmd = if magic == 0x2BAD_B002 { cmdline(mbi) } else { "" };
+    let name = arg(cmd, "name").unwrap_or("hvm");
+    let sig = cpuid(0x4000_0000);
+    let mut vendor = [0u8; 12];
+    for (i, r) in sig[1..].iter().enumerate() {
+        vendor[i * 4..i * 4 + 4].copy_from_slice(&r.to_le_bytes());
+    }
+    let timing = cpuid(0x4000_0010);
+    TSC_KHZ.store((timing[0] as u64).max(1), Ordering::Relaxed);
+    let leaf1 = cpuid(1);
+    XAPIC.store(cmd.split_ascii_whitespace().any(|w| w == "xapic"), Ordering::Relaxed);
+    // The local APIC: enable it, timer divide by 1.
+    apic_write(APIC_SVR, 0x1ff);
+    apic_write(APIC_TIMER_DIVIDE, 0b1011);
+    // Like the PV DomUs, which wait for Dom0's store: let Dom0's start-up
+    // (building DomUs in hypercalls that are not preemptible) pass before
+    // timing anything. `settle=0` skips it.
+    let settle: u64 = arg(cmd, "settle").and_then(|s| s.parse().ok()).unwrap_or(2000);
+    if settle > 0 {
+        one_shot(settle * 1_000_000);
+        wait_ticks(1);
+    }
+    println!(
+        "{name} up: HVM guest, multiboot {}, {} KiB above 1 MiB, hypervisor {:?}, VMX {}, x2APIC {}, APIC through {}, cmdline {:?}",
+        if magic == 0x2BAD_B002 { "ok" } else { "BAD" },
+        mem_upper_kib(mbi),
+        core::str::from_utf8(&vendor).unwrap_or("?"),
+        if leaf1[2] & (1 << 5) != 0 { "visible" } else { "hidden" },
+        if leaf1[2] & (1 << 21) != 0 { "yes" } else { "no" },
+        if XAPIC.load(Ordering::Relaxed) { "xAPIC MMIO" } else { "x2APIC MSRs" },
+        cmd
+    );
+    if magic == 0x2BAD_B002 {
+        modules(mbi);
+    }
+    if timing[1] != 100_000 || leaf1[2] & (1 << 21) == 0 {
+        println!("unexpected platform (APIC timer rate or no x2APIC); powering off with code 2");
+        power_off(2);
+    }
+    if let Some(a) = arg(cmd, "attack") {
+        attack(name, a);
+    }
+    if cmd.split_ascii_whitespace().any(|w| w == "pvhvm") {
+        pvhvm(name);
+    }
+    timers(name);
+    periodic();
+    platform_checks();
+    memory(name);
+    println!("done: {} interrupts handled; shutting down", INTERRUPTS.load(Ordering::Relaxed));
+    power_off(0)
+}
+
+/// The same sleeps as the PV DomU, with the APIC timer and HLT.
+fn timers(name: &str) {
+    // Warm-up, not reported (as in the PV flavour).
+    one_shot(1_000_000);
+    wait_ticks(1);
+    let base = if name.ends_with('2') { 30 } else { 20 };
+    for ms in [base, base * 2, base * 5] {
+        let asked = ms * 1_000_000;
+        let t0 = now_ns();
+        one_shot(asked);
+        wait_ticks(1);
+        let took = now_ns() - t0;
+        let (m, f) = ms_parts(took);
+        let e = error_permille(asked, took);
+        println!(
+            "sleep {ms} ms (APIC timer, HLT): measured {m}.{f:03} ms, error {}{}.{}% {}",
+            if e < 0 { "-" } else { "+" },
+            e.unsigned_abs() / 10,
+            e.unsigned_abs() % 10,
+            if within(asked, took, 10) { "ok" } else { "OUT OF TOLERANCE" }
+        );
+    }
+}
+
+/// Ten periods of a 5 ms periodic timer.
+fn periodic() {
+    let t0 = now_ns();
+    apic_write(APIC_LVT_TIMER, (1 << 17) | TIMER_VECTOR as u64);
+    apic_write(APIC_TIMER_INIT, 500_000);
+    wait_ticks(10);
+    apic_write(APIC_TIMER_INIT, 0);
+    let took = now_ns() - t0;
+    let (m, f) = ms_parts(took);
+    println!("periodic timer: 10 ticks of 5 ms in {m}.{f:03} ms {}", if within(50_000_000, took, 10) { "ok" } else { "OUT OF TOLERANCE" });
+}
+
+/// What the platform shows an unmodified guest where it has no device.
+fn platform_checks() {
+    let msr = try_rdmsr(0x1234_5678);
+    let port = inb(0x2f8);
+    println!(
+        "platform: unknown MSR {}, unknown port reads {port:#04x}, {}",
+        if msr.is_none() { "raised #GP" } else { "did NOT fault" },
+        if msr.is_none() && port == 0xff { "as documented" } else { "UNEXPECTED" }
+    );
+}
+
+/// Writes a pattern over 64 pages and reads it back.
+fn memory(name: &str) {
+    // SAFETY: our own static buffer; nothing else uses it.
+    let work = unsafe { &mut *core::ptr::addr_of_mut!(WORK) };
+    for (p, page) in work.iter_mut().enumerate() {
+        for (i, w) in page.iter_mut().enumerate() {
+            *w = pattern(name, p as u64, i as u64);
+        }
+    }
+    let ok = work.iter().enumerate().all(|(p, page)| page.iter().enumerate().all(|(i, &w)| w == pattern(name, p as u64, i as u64)));
+    println!("memory: {WORK_PAGES} pages written and read back {}", if ok { "ok" } else { "FAILED" });
+}
+
+/// Hostile behaviour chosen by `attack=`: each must end this guest (or be
+/// refused) while microhv and the other domains go on.
+fn attack(name: &str, which: &str) {
+    println!("{name}: attack {which}");
+    match which {
+        // Guest-physical memory that is not ours: the EPT has no entry.
+        "ept" => {
+            // SAFETY: deliberately hostile: 512 MiB is mapped by our page
+            // tables but is not guest memory, so microhv must stop us.
+            let v = unsafe { (0x2000_0000 as *const u64).read_volatile() };
+            println!("attack ept: read {v:#x} outside my memory: NOT STOPPED");
+        }
+        // microhv's own physical addresses (its image is at 2 MiB): in a
+        // guest they are just guest-physical addresses of our own memory;
+        // past our memory they are EPT violations.
+        "hvwrite" => {
+            for a in (0x20_0000u64..0x21_0000).step_by(8) {
+                // SAFETY: deliberately hostile; these are our own pages.
+                unsafe { (a as *mut u64).write_volatile(0xdead_beef_dead_beef) };
+            }
+            println!("attack hvwrite: 64 KiB written at 0x200000 landed in my own memory; now past the end");
+            // SAFETY: deliberately hostile (outside guest memory).
+            unsafe { (0x3000_0000 as *mut u64).write_volatile(0xdead_beef) };
+            println!("attack hvwrite: write past my memory NOT STOPPED");
+        }
+        // Hypercalls this guest may not make.
+        "vmcall" => {
+            for nr in [32u64, 11, 999, u64::MAX] {
+                let r: u64;
+                // SAFETY: VMCALL exits to microhv, which answers in RAX.
+                unsafe { asm!("vmcall", inlateout("rax") nr => r, in("rdi") 0, in("rsi") 0, in("rdx") 0) };
+                println!("attack vmcall: hypercall {nr:#x} -> {}", r as i64);
+            }
+            // Guest-physical pointers and frames that are not the guest's.
+            use shared_abi::hypercall::nr;
+            let leaf = cpuid(0x4000_0001);
+            let si_gfn = leaf[2] as u64;
+            let after = (si_gfn + 1) << 12; // microhv's console ring page, outside our memory
+            let cases: [(&str, u64, [u64; 3]); 5] = [
+                ("console_write from past my memory", nr::CONSOLE_WRITE, [0x3000_0000, 16, 0]),
+                ("console_write from microhv's ring page", nr::CONSOLE_WRITE, [after, 16, 0]),
+                ("memory_query into past my memory", nr::MEMORY_QUERY, [after, 0, 0]),
+                ("grant_access of a frame past my memory", nr::GRANT_ACCESS, [0, 0x10_0000, 0]),
+                ("grant_access of my shared_info", nr::GRANT_ACCESS, [0, si_gfn, 0]),
+            ];
+            for (what, n, a) in cases {
+                // SAFETY: deliberately bad pointers: microhv must refuse them.
+                let r = unsafe { vmcall(n, a) };
+                println!("attack vmcall: {what} -> {r}");
+            }
+            return;
+        }
+        // No IDT: the next exception becomes a triple fault.
+        "triple" => {
+            let p = Pointer { limit: 0, base: 0 };
+            // SAFETY: deliberately hostile: an empty IDT, then a breakpoint.
+            unsafe { asm!("lidt [{}]", "int3", in(reg) &p) };
+            println!("attack triple: still running: NOT STOPPED");
+        }
+        // As many interrupts as we can ask for, for 50 ms; then carry on.
+        "storm" => {
+            let t0 = now_ns();
+            apic_write(APIC_LVT_TIMER, (1 << 17) | TIMER_VECTOR as u64);
+            apic_write(APIC_TIMER_INIT, 1);
+            let mut ipis = 0u64;
+            while now_ns() - t0 < 50_000_000 {
+                apic_write(APIC_SELF_IPI, 0x40);
+                ipis += 1;
+                // SAFETY: let the interrupts in for one instruction.
+                unsafe { asm!("sti", "nop", "cli") };
+            }
+            apic_write(APIC_TIMER_INIT, 0);
+            println!(
+                "attack storm: {ipis} self-IPIs and a 10 ns periodic timer for 50 ms gave {} timer interrupts (microhv caps the rate)",
+                TICKS.load(Ordering::SeqCst)
+            );
+            return;
+        }
+        // Not an attack: power off with a failure code, as a test harness would.
+        "exit" => {
+            println!("attack exit: powering off with exit code 7");
+            power_off(7);
+        }
+        other => println!("unknown attack {other:?}"),
+    }
+    power_off(4)
+}
+
+/// VMCALL with the PV calling convention: number in RAX, arguments in
+/// RDI, RSI, RDX; the result (>= 0, or a negative errno) in RAX.
+///
+/// # Safety
+/// Pointer arguments must point at memory of ours for the call's length.
+unsafe fn vmcall(nr: u64, a: [u64; 3]) -> i64 {
+    let r: u64;
+    // SAFETY: VMCALL exits to microhv, which only touches our memory as the
+    // caller promised.
+    unsafe { asm!("vmcall", inlateout("rax") nr => r, in("rdi") a[0], in("rsi") a[1], in("rdx") a[2], in("r10") 0, in("r8") 0) };
+    r as i64
+}
+
+fn vcpu0() -> *mut shared_abi::shared_info::VcpuInfo {
+    SHARED_INFO.load(Ordering::Relaxed) as *mut shared_abi::shared_info::VcpuInfo
+}
+
+/// System time (ns since microhv booted) from the shared_info time record.
+fn system_ns() -> u64 {
+    // SAFETY: shared_info is our last page (identity-mapped); microhv
+    // writes the record before we start and only reads it after.
+    let t = unsafe { core::ptr::addr_of!((*vcpu0()).time).read_volatile() };
+    t.ns_at(rdtsc())
+}
+
+/// The upcall: clear the pending flags and count the events.
+fn take_events() {
+    use shared_abi::shared_info::SharedInfo;
+    let si = SHARED_INFO.load(Ordering::Relaxed) as *mut SharedInfo;
+    // SAFETY: our shared_info page; microhv sets bits, we clear them, each
+    // word with a single atomic operation.
+    unsafe {
+        core::ptr::addr_of_mut!((*si).vcpu_info[0].evtchn_upcall_pending).write_volatile(0);
+        let sel = &*(core::ptr::addr_of_mut!((*si).vcpu_info[0].evtchn_pending_sel) as *const AtomicU64);
+        let words = sel.swap(0, Ordering::SeqCst);
+        for w in 0..64 {
+            if words & (1 << w) == 0 {
+                continue;
+            }
+            let pending = &*(core::ptr::addr_of_mut!((*si).evtchn_pending[w]) as *const AtomicU64);
+            let mask = core::ptr::addr_of!((*si).evtchn_mask[w]).read_volatile();
+            let mine = pending.fetch_and(mask, Ordering::SeqCst) & !mask;
+            EVENTS.fetch_add(mine.count_ones() as u64, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The hybrid flavour: console through VMCALL, sleeps through set_timer
+/// and the VIRQ_TIMER event channel, upcalls as an injected vector.
+fn pvhvm(name: &str) -> ! {
+    use shared_abi::hypercall::{nr, SHUTDOWN_POWEROFF, VIRQ_TIMER};
+    let leaf = cpuid(0x4000_0001);
+    EVTCHN_VECTOR.store(leaf[1] as u64, Ordering::Relaxed);
+    SHARED_INFO.store((leaf[2] as u64) << 12, Ordering::Relaxed);
+    PVHVM.store(true, Ordering::Relaxed);
+    // SAFETY: no pointer arguments.
+    let abi = unsafe { vmcall(nr::VERSION, [0, 0, 0]) };
+    println!(
+        "{name} up (PVHVM): ABI {}.{} through VMCALL, console_write, event upcalls on vector {:#x}, shared_info at gfn {:#x}",
+        abi >> 16, abi & 0xffff, leaf[1], leaf[2]
+    );
+    // SAFETY: no pointer arguments.
+    let port = unsafe { vmcall(nr::EVTCHN_BIND_VIRQ, [VIRQ_TIMER, 0, 0]) };
+    // SAFETY: no pointer arguments.
+    let unmask = unsafe { vmcall(nr::EVTCHN_UNMASK, [port as u64, 0, 0]) };
+    if port < 0 || unmask < 0 {
+        println!("binding VIRQ_TIMER failed: {port} {unmask}");
+        power_off(2);
+    }
+    // SAFETY: interrupts on from here: upcalls arrive as the vector.
+    unsafe { asm!("sti") };
+    let base = if name.ends_with('2') { 30 } else { 20 };
+    for ms in [base, base * 2, base * 5] {
+        let asked = ms * 1_000_000;
+        let before = EVENTS.load(Ordering::SeqCst);
+        let t0 = system_ns();
+        // SAFETY: no pointer arguments.
+        let _ = unsafe { vmcall(nr::SET_TIMER, [t0 + asked, 0, 0]) };
+        while EVENTS.load(Ordering::SeqCst) == before {
+            // SAFETY: no pointer arguments.
+            let _ = unsafe { vmcall(nr::SCHED_BLOCK, [0, 0, 0]) };
+        }
+        let took = system_ns() - t0;
+        let (m, f) = ms_parts(took);
+        let e = error_permille(asked, took);
+        println!(
+            "sleep {ms} ms (set_timer, VIRQ_TIMER event on vector {:#x}, port {port}): measured {m}.{f:03} ms, error {}{}.{}% {}",
+            leaf[1],
+            if e < 0 { "-" } else { "+" },
+            e.unsigned_abs() / 10,
+            e.unsigned_abs() % 10,
+            if within(asked, took, 10) { "ok" } else { "OUT OF TOLERANCE" }
+        );
+    }
+    // Calls with guest-physical pointers (identity-mapped: VA = GPA here).
+    let mut info = [0u64; 2];
+    // SAFETY: `info` is ours, 16 bytes.
+    let q = unsafe { vmcall(nr::MEMORY_QUERY, [info.as_mut_ptr() as u64, 0, 0]) };
+    let mut st = [0u8; 16];
+    // SAFETY: `st` is ours, 16 bytes.
+    let s = unsafe { vmcall(nr::EVTCHN_STATUS, [port as u64, st.as_mut_ptr() as u64, 0]) };
+    let state = u32::from_le_bytes([st[0], st[1], st[2], st[3]]);
+    let gfn = core::ptr::addr_of!(WORK) as u64 >> 12;
+    // SAFETY: no pointer arguments (a frame number of ours).
+    let gref = unsafe { vmcall(nr::GRANT_ACCESS, [0, gfn, 1]) };
+    // SAFETY: no pointer arguments.
+    let end = unsafe { vmcall(nr::GRANT_END, [gref as u64, 0, 0]) };
+    let t0 = system_ns();
+    // SAFETY: no pointer arguments.
+    let poll = unsafe { vmcall(nr::SCHED_POLL, [t0 + 5_000_000, 0, 0]) };
+    let (pm, pf) = ms_parts(system_ns() - t0);
+    println!(
+        "VMCALL with guest-physical pointers: memory_query {q} -> {} pages, evtchn_status(port {port}) {s} -> state {state}, grant_access(dom0, gfn {gfn:#x}) -> gref {gref}, grant_end -> {end}, sched_poll 5 ms -> {poll} after {pm}.{pf:03} ms",
+        info[0]
+    );
+    // grant_copy goes through the grant checks (nobody granted us
+    // anything, so they refuse it); a loopback event channel to ourselves.
+    let me = leaf[3] as u64;
+    let mut got = [0u64; 8];
+    let rec = shared_abi::hypercall::GrantCopy {
+        granter: 0,
+        _pad: 0,
+        gref: 7,
+        offset: 0,
+        len: 64,
+        local_va: got.as_mut_ptr() as u64,
+        flags: 0,
+        _pad2: 0,
+    };
+    // SAFETY: `rec` and `got` are ours (guest-physical = virtual here).
+    let copied = unsafe { vmcall(nr::GRANT_COPY, [&rec as *const _ as u64, 0, 0]) };
+    // SAFETY: a record address past our memory: microhv must refuse it.
+    let far = unsafe { vmcall(nr::GRANT_COPY, [0x3000_0000, 0, 0]) };
+    // SAFETY: no pointer arguments.
+    let p1 = unsafe { vmcall(nr::EVTCHN_ALLOC_UNBOUND, [me, 0, 0]) };
+    // SAFETY: no pointer arguments.
+    let p2 = unsafe { vmcall(nr::EVTCHN_BIND_INTERDOMAIN, [me, p1 as u64, 0]) };
+    // SAFETY: no pointer arguments.
+    unsafe { vmcall(nr::EVTCHN_UNMASK, [p1 as u64, 0, 0]) };
+    let before = EVENTS.load(Ordering::SeqCst);
+    // SAFETY: no pointer arguments.
+    let sent = unsafe { vmcall(nr::EVTCHN_SEND, [p2 as u64, 0, 0]) };
+    let t0 = system_ns();
+    while EVENTS.load(Ordering::SeqCst) == before && system_ns() - t0 < 100_000_000 {
+        core::hint::spin_loop();
+    }
+    println!(
+        "domid {me}: grant_copy of a grant never made -> {copied}, of a record past my memory -> {far}; loopback event channel {p1} <-> {p2}: send {sent}, event {}",
+        if EVENTS.load(Ordering::SeqCst) > before { "delivered" } else { "NOT DELIVERED" }
+    );
+    // What the table does not allow an HVM guest.
+    // SAFETY: no pointer arguments.
+    let list = unsafe { vmcall(nr::DOMCTL_LIST, [0, 0, 0]) };
+    // SAFETY: no pointer arguments.
+    let mmu = unsafe { vmcall(nr::MMU_UPDATE, [0, 0, 0]) };
+    println!("VMCALL refusals: domctl_list -> {list}, mmu_update -> {mmu} (PV-only or privileged)");
+    memory(name);
+    println!("done: {} events handled; shutting down", EVENTS.load(Ordering::SeqCst));
+    // SAFETY: no pointer arguments.
+    let _ = unsafe { vmcall(nr::SCHED_SHUTDOWN, [SHUTDOWN_POWEROFF, 0, 0]) };
+    power_off(6)
+}
+
+/// shared-abi links `alloc`; this guest never allocates, so every request fails.
+struct NoHeap;
+
+// SAFETY: `alloc` always returns null (allocation failure), which callers
+// must handle; `dealloc` is never reached because nothing was allocated.
+unsafe impl core::alloc::GlobalAlloc for NoHeap {
+    unsafe fn alloc(&self, _layout: core::alloc::Layout) -> *mut u8 {
+        core::ptr::null_mut()
+    }
+    unsafe fn dealloc(&self, _ptr: *mut u8, _layout: core::alloc::Layout) {}
+}
+
+#[global_allocator]
+static HEAP: NoHeap = NoHeap;
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    println!("PANIC: {}", info.message());
+    power_off(5)
+}
