@@ -47,3 +47,34 @@ fn counters_count_exactly_and_repeat_across_runs() {
         }
     }
 }
+
+#[test]
+fn hvm_counters_count_vmcalls_and_exits_in_bochs() {
+    let images = xtask::images_for_tests();
+    let b = xtask::bench::run_bochs(&images, true).expect("Bochs benchmark run");
+    let get = |name: &str, flavour: &str| {
+        b.iter().find(|x| x.name == name && x.flavour == flavour).unwrap_or_else(|| panic!("no {flavour} {name}"))
+    };
+    // One VMCALL is one hypercall and one VM exit (a time slice may end on
+    // the preemption timer in between: a few more exits, never fewer).
+    let exits_near = |b: &Bench, n: u64| {
+        let e = ev(b, "vm_exits");
+        assert!((n..=n + 10).contains(&e), "{}: {e} VM exits for {n} operations", b.name);
+    };
+    let null = get("null_hypercall", "HVM");
+    assert_eq!((ev(null, "hypercalls"), null.ops), (200, 200));
+    exits_near(null, 200);
+    // CPUID exits under HVM and is no hypercall; it is native for PV.
+    let cpuid = get("cpuid", "HVM");
+    assert_eq!(ev(cpuid, "hypercalls"), 0);
+    exits_near(cpuid, 200);
+    assert_eq!(ev(get("cpuid", "PV"), "entries"), 0);
+    // A page-table store and a page fault never leave an HVM guest.
+    exits_near(get("pt_update", "HVM"), 0);
+    exits_near(get("page_fault", "PVHVM"), 0);
+    // The PV guest in the same run: one hypercall per null call.
+    assert_eq!(ev(get("null_hypercall", "PV"), "hypercalls"), 200);
+    // The hybrid's console is one VMCALL per KiB.
+    let con = get("console_1kib", "PVHVM");
+    assert_eq!(ev(con, "hypercalls"), con.ops);
+}

@@ -59,6 +59,9 @@ enum Cmd {
         /// Fewer samples per benchmark (200 instead of 1000).
         #[arg(long)]
         quick: bool,
+        /// Only the Bochs run (PV, HVM and PVHVM side by side).
+        #[arg(long)]
+        bochs_only: bool,
     },
     /// Generate docs/abi.md from shared-abi.
     DocAbi {
@@ -117,13 +120,17 @@ fn run(cli: Cli) -> Result<i32> {
             println!("xtask: {} ({:.1} s, accelerator {})", result.outcome.describe(), result.wall.as_secs_f64(), accel.name());
             Ok(result.outcome.exit_code())
         }
-        Cmd::Bench { quick } => {
+        Cmd::Bench { quick, bochs_only } => {
             ensure_qemu()?;
             let images = build_images(true)?;
             println!("xtask: bench: PV flavour under QEMU TCG with -icount (figures are instruction counts, exact and repeatable)");
             println!("xtask: bench: running the benchmark guest ({} samples per benchmark)...", if quick { 200 } else { 1000 });
-            let (mut report, _serial) = xtask::bench::run_pv_qemu(&images, quick)?;
-            for k in if quick { vec![2, 64] } else { vec![2, 8, 32, 64] } {
+            let (mut report, _serial) = if bochs_only {
+                (xtask::bench::empty_report(quick), String::new())
+            } else {
+                xtask::bench::run_pv_qemu(&images, quick)?
+            };
+            for k in if bochs_only { vec![] } else if quick { vec![2, 64] } else { vec![2, 8, 32, 64] } {
                 println!("xtask: bench: scheduler with {k} runnable domains...");
                 let (benches, per_domain) = xtask::bench::run_switch_qemu(&images, k, quick)?;
                 report.benches.extend(benches);
@@ -131,13 +138,16 @@ fn run(cli: Cli) -> Result<i32> {
                     report.hv_bytes_per_domain = per_domain;
                 }
             }
+            xtask::ensure_bochs()?;
+            println!("xtask: bench: PV, HVM and PVHVM side by side in Bochs (VT-x), one run...");
+            report.benches.extend(xtask::bench::run_bochs(&images, quick)?);
+            report.emulator = "QEMU TCG with -icount shift=0 (PV), and Bochs 2.7 corei7_skylake_x with VT-x (PV, HVM, PVHVM in one run)".into();
             print!("{}", xtask::bench::table(&report));
             let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
             let dir = project_root().join("target").join("bench").join(xtask::bench::timestamp(unix));
             for f in xtask::bench::write_files(&dir, &report)? {
                 println!("xtask: wrote {}", f.display());
             }
-            println!("xtask: HVM and PVHVM flavours need VT-x (Bochs); not part of this run yet");
             Ok(0)
         }
         Cmd::DocAbi { check } => {

@@ -617,6 +617,8 @@ pub struct HvmDomain {
     boot: BootPage,
     /// In `sched_poll`: RAX becomes 1 if an event woke it.
     polling: bool,
+    /// System time of the last VM exit (for `DomainCounters::hv_ns`).
+    last_exit_ns: Option<u64>,
 }
 
 struct BootPage {
@@ -791,7 +793,7 @@ fn build(hv: &mut Hv, id: DomId, file: &[u8], name: &str, nr_pages: u64, weight:
         domid: id.0,
     };
     let d = &mut hv.domains[idx];
-    d.hvm = Some(Box::new(HvmDomain { vcpu, ept, platform: Platform::new(policy), pv_timer: None, console_pending: Vec::new(), boot, polling: false }));
+    d.hvm = Some(Box::new(HvmDomain { vcpu, ept, platform: Platform::new(policy), pv_timer: None, console_pending: Vec::new(), boot, polling: false, last_exit_ns: None }));
     // The UART's output goes to Dom0's console backend like a PV DomU's
     // console ring (microhv is the ring's producer), so its lines come out
     // whole, as `[name] ...`; without Dom0 microhv prints them itself.
@@ -925,6 +927,7 @@ fn vmcall(hv: &mut Hv, idx: usize) -> bool {
     // The call returns after the VMCALL instruction whatever happens.
     Live { regs: &mut h.vcpu.regs, vmcs: CurrentVmcs, ram: &[] }.skip_instruction();
     let nr = r[0];
+    hv.domains[idx].counters.hypercalls += 1;
     let call = check_access(nr, GuestKind::Hvm, false).and_then(|_| Call::decode(nr, [r[7], r[6], r[2], r[10], r[8]]));
     let out = match call {
         Err(e) => Outcome::Ret(Err(e)),
@@ -988,6 +991,15 @@ fn vmcall(hv: &mut Hv, idx: usize) -> bool {
         }
         // The GrantCopy record and the local buffer are guest-physical.
         Ok(Call::GrantCopy { op }) => Outcome::Ret(hvm_grant_copy(hv, idx, op.0)),
+        // Its own counters only (an HVM guest is never privileged).
+        Ok(Call::DomainCountersGet { domid, out }) => {
+            let d = &hv.domains[idx];
+            Outcome::Ret(if domid != d.id {
+                Err(Errno::EPERM)
+            } else {
+                write_guest_checked(d, out.0, &crate::hypercall::counters_bytes(&d.counters)).map(|_| 0)
+            })
+        }
         Ok(_) => Outcome::Ret(Err(Errno::ENOSYS)),
     };
     if let Ok(Call::SetTimer { deadline_ns }) = call {
@@ -1119,6 +1131,11 @@ pub fn run(hv: &mut Hv, idx: usize) -> bool {
         h.polling = false;
         h.vcpu.regs.0[0] = woke_by_event as u64;
     }
+    // Time in microhv since the last exit (handling it, and scheduling).
+    if let Some(t) = h.last_exit_ns.take() {
+        hv.domains[idx].counters.hv_ns += now.saturating_sub(t);
+    }
+    let Some(h) = hv.domains[idx].hvm.as_mut() else { return true };
     if let Err(e) = make_current(h.vcpu.vmcs) {
         domain::kill(hv, idx, e);
         return true;
@@ -1132,12 +1149,17 @@ pub fn run(hv: &mut Hv, idx: usize) -> bool {
         }
     };
     let now = time::nanos_since_boot();
+    h.last_exit_ns = Some(now);
     let action = if exit == VmExit::ExternalInterrupt {
+        hv.domains[idx].counters.interrupts += 1;
+        let Some(h) = hv.domains[idx].hvm.as_mut() else { return true };
         h.platform.stats.exits += 1;
         h.platform.stats.external += 1;
         Action::ExternalInterrupt
     } else {
         let d = &mut hv.domains[idx];
+        d.counters.entries += 1;
+        d.counters.vm_exits += 1;
         let ram = &d.p2m[..d.p2m.len().saturating_sub(2)];
         let Some(h) = d.hvm.as_mut() else { return true };
         let mut live = Live { regs: &mut h.vcpu.regs, vmcs: CurrentVmcs, ram };

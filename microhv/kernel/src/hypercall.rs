@@ -478,12 +478,7 @@ pub(crate) fn dispatch(hv: &mut Hv, cur: usize, call: Call) -> Outcome {
             let Some(t) = hv.domains.iter().rposition(|d| d.id == domid) else {
                 return Ret(Err(Errno::ESRCH));
             };
-            let c = hv.domains[t].counters;
-            let mut b = [0u8; 128];
-            let words = [c.hypercalls, c.entries, c.exceptions_bounced, c.upcalls, c.interrupts, c.cr3_loads, c.switches_in, c.hv_ns, c.vm_exits, c.pt_updates];
-            for (i, w) in words.iter().enumerate() {
-                b[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
-            }
+            let b = counters_bytes(&hv.domains[t].counters);
             Ret(write_guest(hv, cur, out, &b).map(|_| 0))
         }
         Call::IrqBind { irq } => {
@@ -574,6 +569,16 @@ fn populate(hv: &mut Hv, cur: usize, frames: GuestVa, count: u64) -> Result<u64,
     }
     hv.domains[cur].nr_pages += count;
     Ok(count)
+}
+
+/// The wire form of `DomainCounters` (PV and HVM callers).
+pub(crate) fn counters_bytes(c: &shared_abi::hypercall::DomainCounters) -> [u8; 128] {
+    let mut b = [0u8; 128];
+    let words = [c.hypercalls, c.entries, c.exceptions_bounced, c.upcalls, c.interrupts, c.cr3_loads, c.switches_in, c.hv_ns, c.vm_exits, c.pt_updates];
+    for (i, w) in words.iter().enumerate() {
+        b[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+    }
+    b
 }
 
 /// `dma_populate`: contiguous frames below 4 GiB for Dom0's device DMA.
