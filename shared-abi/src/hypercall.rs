@@ -545,7 +545,14 @@ pub struct DomainCounters {
     pub vm_exits: u64,
     /// Page-table entries written through `mmu_update`.
     pub pt_updates: u64,
-    pub _reserved: [u64; 6],
+    /// HVM: VM exits for port I/O, MSR accesses, CPUID, HLT, the local APIC
+    /// page, and everything else (preemption timer, host interrupts, CR).
+    pub exits_io: u64,
+    pub exits_msr: u64,
+    pub exits_cpuid: u64,
+    pub exits_hlt: u64,
+    pub exits_apic: u64,
+    pub exits_other: u64,
 }
 
 const _: () = assert!(size_of::<DomainCounters>() == 128);

@@ -68,6 +68,11 @@ fn hvm_counters_count_vmcalls_and_exits_in_bochs() {
     let cpuid = get("cpuid", "HVM");
     assert_eq!(ev(cpuid, "hypercalls"), 0);
     exits_near(cpuid, 200);
+    // ... and the exits are counted by reason: CPUID exits are exact, and
+    // a KiB through the emulated UART is two port exits per byte.
+    assert_eq!(ev(cpuid, "exits_cpuid"), 200);
+    let uart = get("console_1kib", "HVM");
+    assert_eq!(ev(uart, "exits_io"), 2 * 1024 * uart.ops);
     assert_eq!(ev(get("cpuid", "PV"), "entries"), 0);
     // A page-table store and a page fault never leave an HVM guest.
     exits_near(get("pt_update", "HVM"), 0);

@@ -220,7 +220,12 @@ fn layouts() -> Vec<Layout> {
             hv_ns: u64,
             vm_exits: u64,
             pt_updates: u64,
-            _reserved: [u64; 6],
+            exits_io: u64,
+            exits_msr: u64,
+            exits_cpuid: u64,
+            exits_hlt: u64,
+            exits_apic: u64,
+            exits_other: u64,
         }),
         layout!(BlkSegment at "blkif", "One page of a block request." {
             gref: u32,

@@ -303,6 +303,20 @@ pub fn report_md(r: &Report) -> String {
         let per: Vec<String> = EVENT_COLUMNS.iter().map(|e| b.per_op(e).map_or("-".into(), |v| format!("{v:.1}"))).collect();
         let _ = writeln!(s, "| {} | {} | {} | {} | {} | {} | {} | {} |", b.name, b.flavour, b.where_, st.median, st.p5, st.p95, st.p99, per.join(" | "));
     }
+    let hvm: Vec<&Bench> = r.benches.iter().filter(|b| b.events.contains_key("vm_exits")).collect();
+    if !hvm.is_empty() {
+        let _ = writeln!(s, "\n## VM exits per operation, by reason (HVM and PVHVM)\n");
+        let _ = writeln!(s, "| benchmark | flavour | all | I/O | MSR | CPUID | HLT | APIC page | VMCALL (hypercalls) | other |");
+        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for b in hvm {
+            let f = |e: &str| b.per_op(e).map_or("-".into(), |v| format!("{v:.1}"));
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                b.name, b.flavour, f("vm_exits"), f("exits_io"), f("exits_msr"), f("exits_cpuid"), f("exits_hlt"), f("exits_apic"), f("hypercalls"), f("exits_other")
+            );
+        }
+    }
     let _ = writeln!(s, "\n## Targets\n");
     let _ = writeln!(s, "| target | measured | limit | met |");
     let _ = writeln!(s, "|---|---:|---:|---|");

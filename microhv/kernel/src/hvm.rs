@@ -994,10 +994,16 @@ fn vmcall(hv: &mut Hv, idx: usize) -> bool {
         // Its own counters only (an HVM guest is never privileged).
         Ok(Call::DomainCountersGet { domid, out }) => {
             let d = &hv.domains[idx];
+            let mut c = d.counters;
+            if let Some(h) = d.hvm.as_ref() {
+                let s = &h.platform.stats;
+                (c.exits_io, c.exits_msr, c.exits_cpuid, c.exits_hlt, c.exits_apic) = (s.io, s.msr, s.cpuid, s.hlt, s.mmio);
+                c.exits_other = s.exits.saturating_sub(s.io + s.msr + s.cpuid + s.hlt + s.mmio + s.vmcall);
+            }
             Outcome::Ret(if domid != d.id {
                 Err(Errno::EPERM)
             } else {
-                write_guest_checked(d, out.0, &crate::hypercall::counters_bytes(&d.counters)).map(|_| 0)
+                write_guest_checked(d, out.0, &crate::hypercall::counters_bytes(&c)).map(|_| 0)
             })
         }
         Ok(_) => Outcome::Ret(Err(Errno::ENOSYS)),

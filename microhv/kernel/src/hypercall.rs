@@ -574,7 +574,10 @@ fn populate(hv: &mut Hv, cur: usize, frames: GuestVa, count: u64) -> Result<u64,
 /// The wire form of `DomainCounters` (PV and HVM callers).
 pub(crate) fn counters_bytes(c: &shared_abi::hypercall::DomainCounters) -> [u8; 128] {
     let mut b = [0u8; 128];
-    let words = [c.hypercalls, c.entries, c.exceptions_bounced, c.upcalls, c.interrupts, c.cr3_loads, c.switches_in, c.hv_ns, c.vm_exits, c.pt_updates];
+    let words = [
+        c.hypercalls, c.entries, c.exceptions_bounced, c.upcalls, c.interrupts, c.cr3_loads, c.switches_in, c.hv_ns, c.vm_exits, c.pt_updates,
+        c.exits_io, c.exits_msr, c.exits_cpuid, c.exits_hlt, c.exits_apic, c.exits_other,
+    ];
     for (i, w) in words.iter().enumerate() {
         b[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
     }
