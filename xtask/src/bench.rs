@@ -354,7 +354,7 @@ pub fn chart_svg(r: &Report) -> String {
     };
     let mut s = String::new();
     let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#);
-    let _ = writeln!(s, r#"<text x="10" y="20" font-size="14">microhv: median cost per operation ({}; log scale)</text>"#, xml(&r.unit));
+    let _ = writeln!(s, r#"<text x="10" y="20" font-size="14">microhv: median cost per operation, log scale (QEMU rows: instructions; Bochs rows: ns, 10 ns per instruction)</text>"#);
     for (i, b) in bars.iter().enumerate() {
         let y = 40 + i * row;
         let m = b.stats.map_or(0, |s| s.median);
