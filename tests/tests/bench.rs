@@ -14,7 +14,7 @@ fn ev(b: &Bench, e: &str) -> u64 {
 #[test]
 fn counters_count_exactly_and_repeat_across_runs() {
     let images = xtask::images_for_tests();
-    let (first, serial) = run_pv_qemu(&images, true).expect("benchmark run");
+    let (first, serial) = run_pv_qemu(&images, true, xtask::Accel::Tcg).expect("benchmark run");
     let b = &first.benches;
     assert!(b.len() >= 10, "{serial}");
     // One hypercall adds exactly one to the hypercall counter, one entry, and
@@ -39,7 +39,7 @@ fn counters_count_exactly_and_repeat_across_runs() {
     assert_eq!(first.hypervisor_image_kib.map(|k| k > 0), Some(true));
 
     // Again: the counts of the CPU-only benchmarks are the same.
-    let (second, _) = run_pv_qemu(&images, true).expect("second benchmark run");
+    let (second, _) = run_pv_qemu(&images, true, xtask::Accel::Tcg).expect("second benchmark run");
     for name in ["null_hypercall", "set_timer", "read_time", "cpuid", "pt_update", "pt_update_batch16", "page_fault", "event_send_to_upcall"] {
         let (a, c) = (find(&first.benches, name), find(&second.benches, name));
         for e in ["hypercalls", "entries", "exceptions", "upcalls", "cr3_loads", "pt_updates"] {

@@ -581,7 +581,7 @@ pub fn image_kib(serial: &str) -> Option<u64> {
 
 /// The scheduler benchmark with `k` runnable domains: the benchmark guest
 /// and `k - 1` spinners that Dom0 spawns (`spawn spin.toml <k-1>`).
-pub fn run_switch_qemu(images: &crate::Images, k: u32, quick: bool) -> Result<(Vec<Bench>, Option<u64>)> {
+pub fn run_switch_qemu(images: &crate::Images, k: u32, quick: bool, accel: crate::Accel) -> Result<(Vec<Bench>, Option<u64>)> {
     std::fs::write(
         images.dir.join("bench-switch.toml"),
         format!("name = \"bench\"\nkernel = \"domu.elf\"\nmemory = \"8M\"\ncmdline = \"bench switch-k={k}{}\"\nkind = \"pv\"\n", if quick { " quick" } else { "" }),
@@ -589,7 +589,10 @@ pub fn run_switch_qemu(images: &crate::Images, k: u32, quick: bool) -> Result<(V
     std::fs::write(images.dir.join("spin.toml"), "name = \"spin\"\nkernel = \"domu.elf\"\nmemory = \"2M\"\ncmdline = \"spin-ms=1500\"\nkind = \"pv\"\n")?;
     let mut run = crate::QemuRun::new(images);
     run.modules = vec!["dom0.elf name=dom0 toolstack mem=32M".into(), "domu.elf".into(), "bench-switch.toml".into(), "spin.toml manual".into()];
-    run.icount = true;
+    // TCG: -icount, exact instruction counts. KVM (hardware
+    // virtualization): real time, i.e. cycle-level figures.
+    run.accel = accel;
+    run.icount = accel == crate::Accel::Tcg;
     run.memory_mib = 512;
     run.timeout = std::time::Duration::from_secs(600);
     if k > 1 {
@@ -604,7 +607,12 @@ pub fn run_switch_qemu(images: &crate::Images, k: u32, quick: bool) -> Result<(V
     if k > 1 && !r.serial.contains(&format!("spawn: created {} of {} domains", k - 1, k - 1)) {
         bail!("Dom0 could not spawn {} spinners:\n{}", k - 1, r.serial);
     }
-    Ok((parse(&r.serial, "PV", "QEMU TCG")?, state_per_domain(&r.serial)))
+    Ok((parse(&r.serial, "PV", qemu_where(accel))?, state_per_domain(&r.serial)))
+}
+
+/// The `where` label of QEMU results.
+fn qemu_where(accel: crate::Accel) -> &'static str {
+    if accel == crate::Accel::Kvm { "QEMU KVM" } else { "QEMU TCG" }
 }
 
 /// Reads Dom0's `spawn: ... N bytes of hypervisor state per domain`.
@@ -615,13 +623,16 @@ pub fn state_per_domain(serial: &str) -> Option<u64> {
 }
 
 /// Boots Dom0 + the benchmark guest (PV) under QEMU TCG with `-icount`.
-pub fn run_pv_qemu(images: &crate::Images, quick: bool) -> Result<(Report, String)> {
+pub fn run_pv_qemu(images: &crate::Images, quick: bool, accel: crate::Accel) -> Result<(Report, String)> {
     std::fs::write(images.dir.join("bench.toml"), bench_config(quick))?;
     let disk = crate::project_root().join("target").join("bench").join("disk.img");
     crate::ensure_disk(&disk, true)?;
     let mut run = crate::QemuRun::new(images);
     run.modules = vec!["dom0.elf name=dom0 toolstack mem=32M".into(), "domu.elf".into(), "bench.toml".into()];
-    run.icount = true;
+    // TCG: -icount, exact instruction counts. KVM (hardware
+    // virtualization): real time, i.e. cycle-level figures.
+    run.accel = accel;
+    run.icount = accel == crate::Accel::Tcg;
     run.cmdline = "microhv.baseline".into();
     run.disk = Some(disk);
     run.timeout = std::time::Duration::from_secs(600);
@@ -629,13 +640,13 @@ pub fn run_pv_qemu(images: &crate::Images, quick: bool) -> Result<(Report, Strin
     if r.outcome != crate::Outcome::Success {
         bail!("the benchmark run did not end cleanly ({}):\n{}", r.outcome.describe(), r.serial);
     }
-    let benches = parse(&r.serial, "PV", "QEMU TCG")?;
+    let benches = parse(&r.serial, "PV", qemu_where(accel))?;
     let report = Report {
         schema: SCHEMA,
         commit: commit(),
-        emulator: "QEMU TCG, -icount shift=0 (deterministic)".into(),
+        emulator: if accel == crate::Accel::Kvm { "QEMU with KVM (hardware virtualization; real time)".into() } else { "QEMU TCG, -icount shift=0 (deterministic)".into() },
         cpu_model: "qemu64".into(),
-        unit: UNIT.into(),
+        unit: if accel == crate::Accel::Kvm { format!("nanoseconds of real time under QEMU KVM; {UNIT}") } else { UNIT.into() },
         quick,
         hypervisor_image_kib: image_kib(&r.serial),
         hv_bytes_per_domain: None,
