@@ -44,6 +44,8 @@ pub fn stats(samples: &[u64]) -> Option<Stats> {
 pub struct Bench {
     pub name: String,
     pub flavour: String,
+    /// Where it ran: "QEMU TCG", "QEMU KVM" or "Bochs".
+    #[serde(rename = "where")]
     pub where_: String,
     pub samples: Vec<u64>,
     pub stats: Option<Stats>,
@@ -469,7 +471,7 @@ mod tests {
             assert!(!v[k].is_null(), "missing {k}");
         }
         let b = &v["benches"][0];
-        for k in ["name", "flavour", "where_", "samples", "stats", "ops", "events"] {
+        for k in ["name", "flavour", "where", "samples", "stats", "ops", "events"] {
             assert!(!b[k].is_null(), "missing benches[0].{k}");
         }
         assert_eq!(b["stats"]["median"], 200);

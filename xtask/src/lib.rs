@@ -119,32 +119,7 @@ impl Images {
 pub fn build_images(release: bool) -> Result<Images> {
     ensure_target()?;
     let root = project_root();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(&root).args([
-        "build",
-        "--target",
-        KERNEL_TARGET,
-        "--target-dir",
-        "target/kernel",
-        "-p",
-        "microhv",
-        "-p",
-        "dom0",
-        "-p",
-        "domu-kernel",
-        "-p",
-        "hostile-guest",
-    ]);
-    if release {
-        cmd.arg("--release");
-    }
-    // Host-only settings from the environment must not leak into kernel builds.
-    cmd.env_remove("RUSTFLAGS").env_remove("CARGO_BUILD_TARGET");
-    let status = cmd.status().context("running cargo build for the kernel images")?;
-    if !status.success() {
-        bail!("building the kernel images failed");
-    }
+    kernel_build(&root, "target/kernel", &["-p", "microhv", "-p", "dom0", "-p", "domu-kernel", "-p", "hostile-guest"], release, "the kernel images")?;
     let profile = if release { "release" } else { "debug" };
     let built = root.join("target/kernel").join(KERNEL_TARGET).join(profile);
     let out = root.join("target/images").join(profile);
@@ -157,7 +132,9 @@ pub fn build_images(release: bool) -> Result<Images> {
             std::fs::copy(&path, out.join(path.file_name().expect("file name")))?;
         }
     }
-    build_hvm_guest(&root, release)?;
+    // The HVM flavour of the demo DomU (same crate, feature `hvm`), in its
+    // own target directory so the PV build keeps its features.
+    kernel_build(&root, "target/kernel-hvm", &["-p", "domu-kernel", "--no-default-features", "--features", "hvm"], release, "the HVM demo guest")?;
     std::fs::copy(root.join("target/kernel-hvm").join(KERNEL_TARGET).join(profile).join("domu-kernel"), &images.domu_hvm)
         .context("copying the HVM demo guest")?;
     for (from, to) in [
@@ -171,29 +148,18 @@ pub fn build_images(release: bool) -> Result<Images> {
     Ok(images)
 }
 
-/// Builds the HVM flavour of the demo DomU (same crate, feature `hvm`) in
-/// its own target directory, so the PV build keeps its features.
-fn build_hvm_guest(root: &Path, release: bool) -> Result<()> {
+/// `cargo build` of `args` for the bare-metal target into `target_dir`.
+fn kernel_build(root: &Path, target_dir: &str, args: &[&str], release: bool, what: &str) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(root).args([
-        "build",
-        "--target",
-        KERNEL_TARGET,
-        "--target-dir",
-        "target/kernel-hvm",
-        "-p",
-        "domu-kernel",
-        "--no-default-features",
-        "--features",
-        "hvm",
-    ]);
+    cmd.current_dir(root).args(["build", "--target", KERNEL_TARGET, "--target-dir", target_dir]).args(args);
     if release {
         cmd.arg("--release");
     }
+    // Host-only settings from the environment must not leak into kernel builds.
     cmd.env_remove("RUSTFLAGS").env_remove("CARGO_BUILD_TARGET");
-    if !cmd.status().context("running cargo build for the HVM guest")?.success() {
-        bail!("building the HVM demo guest failed");
+    if !cmd.status().with_context(|| format!("running cargo build for {what}"))?.success() {
+        bail!("building {what} failed");
     }
     Ok(())
 }

@@ -32,7 +32,7 @@ use virtio_drivers::transport::DeviceType;
 use virtio_drivers::{BufferDirection, Hal, PhysAddr};
 
 /// Pages in the DMA pool.
-pub const POOL_PAGES: u64 = 48;
+pub const POOL_PAGES: u64 = 64;
 /// Virtual slots for device MMIO.
 pub const MMIO_PAGES: u64 = 8;
 /// Virtual slots Dom0 must keep free for this module.
@@ -106,8 +106,8 @@ static POOL: Mutex<Option<Pool>> = Mutex::new(None);
 /// Mapped MMIO: (first machine frame, frames, virtual address).
 static MMIO: Mutex<Vec<(u64, u64, u64)>> = Mutex::new(Vec::new());
 static MMIO_FREE: Mutex<Vec<u64>> = Mutex::new(Vec::new());
-/// Bounced buffers: (pool machine address, pages, original address, length).
-static BOUNCES: Mutex<Vec<(u64, usize, usize, usize)>> = Mutex::new(Vec::new());
+/// Bounced buffers: (pool machine address, pages, length).
+static BOUNCES: Mutex<Vec<(u64, usize, usize)>> = Mutex::new(Vec::new());
 
 /// Sets up the DMA pool in `slots[..POOL_PAGES]` and keeps the rest for MMIO.
 fn init_memory(slots: &[u64]) -> Result<(), Errno> {
@@ -215,20 +215,19 @@ unsafe impl Hal for DomHal {
             // the bounce pages are ours and at least as long.
             unsafe { core::ptr::copy_nonoverlapping(va as *const u8, bva as *mut u8, len) };
         }
-        BOUNCES.lock().push((ma, pages, va as usize, len));
+        BOUNCES.lock().push((ma, pages, len));
         ma
     }
 
     unsafe fn unshare(paddr: PhysAddr, buffer: NonNull<[u8]>, dir: BufferDirection) {
         let mut b = BOUNCES.lock();
         let Some(i) = b.iter().position(|&(ma, ..)| ma == paddr) else { return };
-        let (ma, pages, va, len) = b.swap_remove(i);
+        let (ma, pages, len) = b.swap_remove(i);
         if dir != BufferDirection::DriverToDevice {
             let bva = pool_va(ma);
             // SAFETY: as in `share`, in the other direction.
             unsafe { core::ptr::copy_nonoverlapping(bva as *const u8, buffer.as_ptr() as *mut u8, len.min(buffer.len())) };
         }
-        let _ = va;
         if let Some(p) = POOL.lock().as_mut() {
             p.free(ma, pages);
         }
@@ -679,9 +678,13 @@ impl Block {
                 let mut page = SharedPage(v.slot as *mut u8);
                 let req = match ring.take_request(&page) {
                     Ok(Some(r)) => r,
+                    // Empty: re-arm the frontend's notification; requests
+                    // that raced in are taken on the next round.
                     Ok(None) => match ring.final_check_for_requests(&mut page) {
-                        Ok(true) => continue,
-                        Ok(false) => continue,
+                        Ok(more) => {
+                            took |= more;
+                            continue;
+                        }
                         Err(_) => {
                             self.close(i, "ring indexes impossible (a hostile or broken frontend)");
                             continue;

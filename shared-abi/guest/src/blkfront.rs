@@ -217,13 +217,12 @@ impl BlkFront {
     }
 
     /// Disconnects (the backend closes its side first).
-    pub fn close(mut self) -> Result<(), Errno> {
+    pub fn close(self) -> Result<(), Errno> {
         store::write_str(&format!("{}/state", self.path), DeviceState::Closing.to_str())?;
         let _ = store::wait_for(&format!("{}/state", self.backend), WAIT_NS, |v| DeviceState::from_value(v) == Ok(DeviceState::Closed));
         // SAFETY: (both) no pointer arguments.
         let _ = unsafe { hc::evtchn_close(u64::from(self.port)) };
         let _ = unsafe { hc::grant_end(self.ring_gref) };
-        self.early.clear();
         store::write_str(&format!("{}/state", self.path), DeviceState::Closed.to_str())
     }
 }

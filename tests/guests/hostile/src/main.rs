@@ -184,7 +184,7 @@ mod guest {
                 x ^= x << 17;
                 *b = x as u8;
             }
-            let mut r: BlkRequest = zerocopy_read(&bytes);
+            let mut r: BlkRequest = request_from_bytes(&bytes);
             r.id = 5000 + k;
             // Keep the op plausible half of the time, so the other checks run.
             if k % 2 == 0 {
@@ -211,7 +211,8 @@ mod guest {
         println!("blk: wrote an impossible request index; Dom0 should have disconnected us");
     }
 
-    fn zerocopy_read(bytes: &[u8]) -> microhv_guest::shared_abi::blkif::BlkRequest {
+    /// A request made of raw bytes, field by field (garbage in every field).
+    fn request_from_bytes(bytes: &[u8]) -> microhv_guest::shared_abi::blkif::BlkRequest {
         let mut r = microhv_guest::shared_abi::blkif::BlkRequest::default();
         // Field by field from the bytes: op, nr_segments, id, sector, segments.
         r.op = bytes[0];
