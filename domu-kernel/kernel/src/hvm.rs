@@ -13,6 +13,7 @@
 //! `attack=<name>` on the command line makes it a hostile guest instead
 //! (see [`attack`]); microhv must end it or refuse it, and the others go on.
 
+extern crate alloc;
 use core::arch::{asm, global_asm};
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -207,6 +208,9 @@ static PVHVM: AtomicBool = AtomicBool::new(false);
 static EVTCHN_VECTOR: AtomicU64 = AtomicU64::new(0);
 static SHARED_INFO: AtomicU64 = AtomicU64::new(0);
 static EVENTS: AtomicU64 = AtomicU64::new(0);
+/// End of guest memory, and of the last boot module (from multiboot).
+static MEM_END: AtomicU64 = AtomicU64::new(0);
+static MODULES_END: AtomicU64 = AtomicU64::new(0);
 
 fn outb(port: u16, v: u8) {
     // SAFETY: port I/O to the platform's devices; in this guest every port
@@ -352,7 +356,15 @@ extern "C" fn hvm_interrupt(f: &mut Frame) {
             }
             if v == EVTCHN_VECTOR.load(Ordering::Relaxed) && v != 0 {
                 LAST_EVENT_TSC.store(rdtsc(), Ordering::SeqCst);
-                take_events();
+                if microhv_guest::try_start_info().is_some() {
+                    // microhv-guest's runtime is up: its upcall runs the
+                    // handlers (block frontend, store) and clears the bits.
+                    let before = microhv_guest::events::events_seen();
+                    microhv_guest::events::upcall();
+                    EVENTS.fetch_add(microhv_guest::events::events_seen() - before, Ordering::SeqCst);
+                } else {
+                    take_events();
+                }
             }
             apic_write(APIC_EOI, 0);
         }
@@ -433,6 +445,7 @@ fn modules(mbi: u64) {
         for i in 0..count.min(16) {
             let e = (list + 16 * i) as *const u32;
             let (start, end, string) = (e.read_volatile() as u64, e.add(1).read_volatile() as u64, e.add(2).read_volatile() as u64);
+            MODULES_END.fetch_max(end, Ordering::Relaxed);
             let len = end.saturating_sub(start) as usize;
             let bytes = core::slice::from_raw_parts(start as *const u8, len);
             let first = bytes.split(|&b| b == b'\n').next().unwrap_or(&[]);
@@ -493,6 +506,7 @@ extern "C" fn hvm_main(magic: u32, mbi: u32) -> ! {
         cmd
     );
     if magic == 0x2BAD_B002 {
+        MEM_END.store((1 << 20) + mem_upper_kib(mbi) * 1024, Ordering::Relaxed);
         modules(mbi);
     }
     if timing[1] != 100_000 || leaf1[2] & (1 << 21) == 0 {
@@ -711,6 +725,53 @@ fn take_events() {
     }
 }
 
+/// The split drivers from a hybrid guest: when microhv announces a store
+/// ring (CPUID leaf 0x4000_0002), start microhv-guest's runtime over VMCALL
+/// (a start_info filled in from CPUID, a heap above the kernel), then run
+/// the PV guest's disk demo through the same block frontend.
+fn split_drivers(name: &str, domid: u16) {
+    use microhv_guest::StartInfo;
+    let leaf = cpuid(0x4000_0002);
+    if leaf[0] == 0 {
+        println!("no store ring announced (CPUID 0x40000002); split drivers skipped");
+        return;
+    }
+    static mut SI: StartInfo = StartInfo::zeroed();
+    // SAFETY: written once here, before the runtime reads it; the guest has
+    // one vCPU and the upcall does not touch it until start_hvm.
+    let si = unsafe { &mut *core::ptr::addr_of_mut!(SI) };
+    let mem_end = MEM_END.load(Ordering::Relaxed);
+    si.domid = domid;
+    si.nr_pages = mem_end / 4096;
+    si.shared_info_va = SHARED_INFO.load(Ordering::Relaxed);
+    si.store_va = (leaf[0] as u64) << 12;
+    si.store_evtchn = leaf[1] as u64;
+    si.set_name(name);
+    // The heap: from the end of the image (and of any boot module) to the
+    // end of memory, at most 2 MiB.
+    extern "C" {
+        static __image_end: u8;
+    }
+    let start = (core::ptr::addr_of!(__image_end) as u64).max(MODULES_END.load(Ordering::Relaxed)).next_multiple_of(4096);
+    let size = mem_end.saturating_sub(start).min(2 << 20);
+    if size < 256 * 1024 {
+        println!("split drivers: only {size} bytes free for a heap; skipped");
+        return;
+    }
+    // SAFETY: [start, start + size) is our own identity-mapped memory above
+    // the image and the modules, used by nothing else; done once.
+    unsafe { microhv_guest::init_heap_at(start, size as usize) };
+    // SAFETY: `si` is 'static and complete.
+    microhv_guest::start_hvm(unsafe { &*core::ptr::addr_of!(SI) });
+    println!(
+        "split drivers through VMCALL: store ring at gfn {:#x}, port {}, heap {} KiB",
+        leaf[0], leaf[1], size / 1024
+    );
+    // As the PV DomUs do: wait until Dom0's store answers.
+    let _ = microhv_guest::store::read(&alloc::format!("{}/name", microhv_guest::store::home()));
+    crate::disk::run(name);
+}
+
 /// The hybrid flavour: console through VMCALL, sleeps through set_timer
 /// and the VIRQ_TIMER event channel, upcalls as an injected vector.
 fn pvhvm(name: &str) -> ! {
@@ -821,26 +882,12 @@ fn pvhvm(name: &str) -> ! {
     let mmu = unsafe { vmcall(nr::MMU_UPDATE, [0, 0, 0]) };
     println!("VMCALL refusals: domctl_list -> {list}, mmu_update -> {mmu} (PV-only or privileged)");
     memory(name);
+    split_drivers(name, me as u16);
     println!("done: {} events handled; shutting down", EVENTS.load(Ordering::SeqCst));
     // SAFETY: no pointer arguments.
     let _ = unsafe { vmcall(nr::SCHED_SHUTDOWN, [SHUTDOWN_POWEROFF, 0, 0]) };
     power_off(6)
 }
-
-/// shared-abi links `alloc`; this guest never allocates, so every request fails.
-struct NoHeap;
-
-// SAFETY: `alloc` always returns null (allocation failure), which callers
-// must handle; `dealloc` is never reached because nothing was allocated.
-unsafe impl core::alloc::GlobalAlloc for NoHeap {
-    unsafe fn alloc(&self, _layout: core::alloc::Layout) -> *mut u8 {
-        core::ptr::null_mut()
-    }
-    unsafe fn dealloc(&self, _ptr: *mut u8, _layout: core::alloc::Layout) {}
-}
-
-#[global_allocator]
-static HEAP: NoHeap = NoHeap;
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {

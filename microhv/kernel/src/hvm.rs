@@ -776,6 +776,30 @@ fn build(hv: &mut Hv, id: DomId, file: &[u8], name: &str, nr_pages: u64, weight:
         free_ept(&ept);
         return fail(hv, format!("{name}: EPT could not be built: {e:?}"));
     }
+    // The console and store rings shared with Dom0 (as `offer_channels`
+    // does for PV DomUs). The store page is also the guest's, at the frame
+    // after the console's: a hybrid guest finds it through CPUID leaf
+    // 0x4000_0002 and talks to Dom0's store (and so reaches the split
+    // drivers). The console page stays outside the EPT: microhv produces it.
+    let channels = match offer_console(hv, id, frames[nr_pages as usize], frames[nr_pages as usize + 1]) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            log::warn!("{name}: no console or store ring for dom0 ({e:?}); the UART prints through microhv");
+            None
+        }
+    };
+    let store_gfn = nr_pages + 1;
+    if channels.is_some() {
+        let store = frames[store_gfn as usize];
+        if hv.frames.owner(store) != owner {
+            free_ept(&ept);
+            return fail(hv, format!("{name}: store frame not the domain's"));
+        }
+        if let Err(e) = ept.map_4k(store_gfn * 4096, store.0, microhv_core::ept::Rights::RW) {
+            free_ept(&ept);
+            return fail(hv, format!("{name}: EPT could not map the store page: {e:?}"));
+        }
+    }
     let tables = ept.table_frames().len();
     let vcpu = match Vmx::create_vcpu(image.entry, loader::MBI_GPA as u32, ept.eptp()) {
         Ok(v) => v,
@@ -791,16 +815,15 @@ fn build(hv: &mut Hv, id: DomId, file: &[u8], name: &str, nr_pages: u64, weight:
         evtchn_vector: platform::EVTCHN_VECTOR,
         shared_info_gfn: (nr_pages - 1) as u32,
         domid: id.0,
+        store_gfn: if channels.is_some() { store_gfn as u32 } else { 0 },
+        store_port: channels.map_or(0, |c| c.store_port as u32),
     };
     let d = &mut hv.domains[idx];
     d.hvm = Some(Box::new(HvmDomain { vcpu, ept, platform: Platform::new(policy), pv_timer: None, console_pending: Vec::new(), boot, polling: false, last_exit_ns: None }));
     // The UART's output goes to Dom0's console backend like a PV DomU's
     // console ring (microhv is the ring's producer), so its lines come out
     // whole, as `[name] ...`; without Dom0 microhv prints them itself.
-    match offer_console(hv, id, frames[nr_pages as usize], frames[nr_pages as usize + 1]) {
-        Ok(c) => hv.domains[idx].channels = Some(c),
-        Err(e) => log::warn!("{name}: no console ring for dom0 ({e:?}); the UART prints through microhv"),
-    }
+    d.channels = channels;
     hv.domains[idx].building = false;
     log::info!(
         "domain {} '{}': HVM (VT-x), {} pages ({} KiB), multiboot kernel entry {:#x} in 32-bit protected mode, EPT with {} tables, weight {weight}",

@@ -220,8 +220,9 @@ impl BlkFront {
     pub fn close(self) -> Result<(), Errno> {
         store::write_str(&format!("{}/state", self.path), DeviceState::Closing.to_str())?;
         let _ = store::wait_for(&format!("{}/state", self.backend), WAIT_NS, |v| DeviceState::from_value(v) == Ok(DeviceState::Closed));
-        // SAFETY: (both) no pointer arguments.
+        // SAFETY: no pointer arguments.
         let _ = unsafe { hc::evtchn_close(u64::from(self.port)) };
+        // SAFETY: no pointer arguments.
         let _ = unsafe { hc::grant_end(self.ring_gref) };
         store::write_str(&format!("{}/state", self.path), DeviceState::Closed.to_str())
     }

@@ -110,8 +110,9 @@ pub fn bind_virq(virq: u64, handler: fn(u32)) -> Result<u32, shared_abi::Errno> 
     Ok(port)
 }
 
-/// The upcall: called (events masked) when microhv signals pending events.
-pub(crate) fn upcall() {
+/// The upcall: called (events masked) when microhv signals pending events;
+/// a hybrid guest calls it from its event-channel vector's handler.
+pub fn upcall() {
     let v = vcpu_info();
     while v.upcall_pending().swap(0, Ordering::SeqCst) != 0 {
         let mut sel = v.pending_sel().swap(0, Ordering::SeqCst);

@@ -13,6 +13,7 @@ use shared_abi::Errno;
 ///
 /// # Safety
 /// The arguments must be valid for hypercall `nr` (see docs/abi.md).
+#[cfg(not(feature = "hvm"))]
 #[inline(always)]
 pub unsafe fn raw(nr: u64, a: [u64; 5]) -> i64 {
     let ret: i64;
@@ -21,6 +22,28 @@ pub unsafe fn raw(nr: u64, a: [u64; 5]) -> i64 {
     unsafe {
         core::arch::asm!(
             "int 0x82",
+            inlateout("rax") nr as i64 => ret,
+            in("rdi") a[0], in("rsi") a[1], in("rdx") a[2], in("r10") a[3], in("r8") a[4],
+            options(nostack)
+        );
+    }
+    ret
+}
+
+/// Raw hypercall from a hybrid guest: VMCALL, same registers; pointers are
+/// guest-physical addresses.
+///
+/// # Safety
+/// The arguments must be valid for hypercall `nr` (see docs/abi.md).
+#[cfg(feature = "hvm")]
+#[inline(always)]
+pub unsafe fn raw(nr: u64, a: [u64; 5]) -> i64 {
+    let ret: i64;
+    // SAFETY: VMCALL exits to microhv, which preserves every register except
+    // RAX; memory effects are those of the hypercall (caller's contract).
+    unsafe {
+        core::arch::asm!(
+            "vmcall",
             inlateout("rax") nr as i64 => ret,
             in("rdi") a[0], in("rsi") a[1], in("rdx") a[2], in("r10") a[3], in("r8") a[4],
             options(nostack)

@@ -81,6 +81,31 @@ pub fn init_heap(si: &StartInfo, reserve_pages: u64) -> usize {
     size
 }
 
+/// Sets up the heap over `size` bytes at `start` (a hybrid guest, which
+/// has no PV boot layout, picks the range from its own memory map).
+///
+/// # Safety
+/// The range must be mapped read-write, unused by anything else, and this
+/// must be called once.
+#[cfg(target_os = "none")]
+pub unsafe fn init_heap_at(start: u64, size: usize) {
+    // SAFETY: the caller's contract.
+    unsafe { heap::HEAP.lock().init(start as *mut u8, size) };
+}
+
+/// Starts the runtime in a hybrid (PVHVM) guest: `si` is a start_info the
+/// guest filled in from what microhv announces in CPUID (domain id,
+/// `shared_info` and store frames at their identity-mapped addresses, store
+/// port). The store port is unmasked; the guest delivers upcalls itself by
+/// calling [`events::upcall`] from its event-channel vector.
+#[cfg(feature = "hvm")]
+pub fn start_hvm(si: &'static StartInfo) {
+    START_INFO.store(si as *const StartInfo as u64, Ordering::Relaxed);
+    if si.store_evtchn != 0 {
+        events::unmask_port(si.store_evtchn as u32);
+    }
+}
+
 /// Called by the `entry!` start code.
 #[doc(hidden)]
 pub fn __start(si: *const StartInfo) {
@@ -122,7 +147,7 @@ macro_rules! entry {
     };
 }
 
-#[cfg(target_os = "none")]
+#[cfg(all(target_os = "none", not(feature = "hvm")))]
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
     println!("PANIC: {}", info.message());

@@ -84,7 +84,7 @@ fn cpu() -> FakeCpu {
 }
 
 fn plat() -> Platform {
-    Platform::new(CpuidPolicy { tsc_khz: 1_000_000, apic_timer_khz: 100_000, evtchn_vector: EVTCHN_VECTOR, shared_info_gfn: 2047, domid: 1 })
+    Platform::new(CpuidPolicy { tsc_khz: 1_000_000, apic_timer_khz: 100_000, evtchn_vector: EVTCHN_VECTOR, shared_info_gfn: 2047, domid: 1, store_gfn: 0, store_port: 0 })
 }
 
 /// An I/O exit as the hardware reports it (qualification layout, SDM table 28-5).

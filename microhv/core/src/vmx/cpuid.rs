@@ -12,6 +12,9 @@ pub const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 pub const HV_LEAF_BASE: u32 = 0x4000_0000;
 /// Leaf returning the microhv ABI version.
 pub const HV_LEAF_VERSION: u32 = 0x4000_0001;
+/// Store leaf: EAX = the guest frame of the store ring page shared with
+/// Dom0's store (0: none), EBX = the guest's event-channel port for it.
+pub const HV_LEAF_STORE: u32 = 0x4000_0002;
 /// Timing leaf (the VMware/KVM convention): EAX = TSC kHz, EBX = local APIC
 /// timer input clock in kHz.
 pub const HV_LEAF_TIMING: u32 = 0x4000_0010;
@@ -32,6 +35,10 @@ pub struct CpuidPolicy {
     pub shared_info_gfn: u32,
     /// The domain's id.
     pub domid: u16,
+    /// Guest frame of the store ring page (0: the guest has no store).
+    pub store_gfn: u32,
+    /// The guest's event-channel port to Dom0's store.
+    pub store_port: u32,
 }
 /// Last leaf of the range reserved for hypervisors.
 pub const HV_LEAF_LAST: u32 = 0x4fff_ffff;
@@ -54,6 +61,8 @@ fn sig_word(i: usize) -> u32 {
 /// - 0x4000_0001: EAX = the ABI version as `major << 16 | minor`, EBX = the
 ///   event-channel upcall vector, ECX = the `shared_info` guest frame, EDX =
 ///   the domain id.
+/// - 0x4000_0002: EAX = the store ring's guest frame (0: no store), EBX =
+///   the store event-channel port (the HVM form of `start_info.store_*`).
 /// - 0x4000_0010: EAX = TSC kHz, EBX = APIC timer kHz (from `policy`).
 /// - the rest of 0x4000_0000..=0x4fff_ffff: zeros.
 /// - Everything else passes through unchanged.
@@ -67,6 +76,7 @@ pub fn filter(leaf: u32, subleaf: u32, host: [u32; 4], policy: &CpuidPolicy) -> 
         }
         HV_LEAF_BASE => [HV_LEAF_TIMING, sig_word(0), sig_word(4), sig_word(8)],
         HV_LEAF_VERSION => [shared_abi::abi_version_packed() as u32, policy.evtchn_vector as u32, policy.shared_info_gfn, policy.domid as u32],
+        HV_LEAF_STORE => [policy.store_gfn, policy.store_port, 0, 0],
         HV_LEAF_TIMING => [policy.tsc_khz, policy.apic_timer_khz, 0, 0],
         l if (HV_LEAF_BASE..=HV_LEAF_LAST).contains(&l) => [0; 4],
         _ => host,
@@ -77,7 +87,7 @@ pub fn filter(leaf: u32, subleaf: u32, host: [u32; 4], policy: &CpuidPolicy) -> 
 mod tests {
     use super::*;
 
-    const P: CpuidPolicy = CpuidPolicy { tsc_khz: 2_000_000, apic_timer_khz: 100_000, evtchn_vector: 0xf3, shared_info_gfn: 0x7ff, domid: 7 };
+    const P: CpuidPolicy = CpuidPolicy { tsc_khz: 2_000_000, apic_timer_khz: 100_000, evtchn_vector: 0xf3, shared_info_gfn: 0x7ff, domid: 7, store_gfn: 0x801, store_port: 2 };
 
     #[test]
     fn leaf1_hides_vmx_and_sets_hypervisor() {
@@ -115,8 +125,15 @@ mod tests {
     }
 
     #[test]
+    fn store_leaf() {
+        assert_eq!(filter(0x4000_0002, 0, [9, 9, 9, 9], &P), [0x801, 2, 0, 0]);
+        let none = CpuidPolicy { store_gfn: 0, store_port: 0, ..P };
+        assert_eq!(filter(0x4000_0002, 0, [9, 9, 9, 9], &none), [0; 4], "no store: zeros");
+    }
+
+    #[test]
     fn rest_of_hypervisor_range_is_zero() {
-        for leaf in [0x4000_0002, 0x4000_0100, 0x4000_ffff, 0x4fff_ffff] {
+        for leaf in [0x4000_0003, 0x4000_0100, 0x4000_ffff, 0x4fff_ffff] {
             assert_eq!(filter(leaf, 0, [1, 2, 3, 4], &P), [0; 4], "leaf {leaf:#x}");
         }
     }
