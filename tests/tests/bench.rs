@@ -36,6 +36,11 @@ fn counters_count_exactly_and_repeat_across_runs() {
     // Each loopback event is one send and one upcall.
     let evt = find(b, "event_send_to_upcall");
     assert_eq!(ev(evt, "upcalls"), 200);
+    // Ping-pong with the echo domain Dom0 paired us with: each round trip
+    // brings exactly one answer, one upcall here.
+    let pp = find(b, "event_pingpong");
+    assert_eq!((pp.ops, ev(pp, "upcalls")), (200, 200));
+    assert!(ev(pp, "hypercalls") >= 200, "at least one send per round trip");
     assert_eq!(first.hypervisor_image_kib.map(|k| k > 0), Some(true));
 
     // Again: the counts of the CPU-only benchmarks are the same.
@@ -79,6 +84,14 @@ fn hvm_counters_count_vmcalls_and_exits_in_bochs() {
     exits_near(get("page_fault", "PVHVM"), 0);
     // The PV guest in the same run: one hypercall per null call.
     assert_eq!(ev(get("null_hypercall", "PV"), "hypercalls"), 200);
+    // Events: a hybrid's upcall is an injected vector, counted as one; the
+    // ping-pong with its echo peer brings one per round trip in both flavours.
+    let loopback = get("event_send_to_upcall", "PVHVM");
+    assert_eq!(ev(loopback, "upcalls"), loopback.ops);
+    for flavour in ["PV", "PVHVM"] {
+        let pp = get("event_pingpong", flavour);
+        assert_eq!((pp.ops, ev(pp, "upcalls")), (200, 200), "{flavour} event_pingpong");
+    }
     // The hybrid's console is one VMCALL per KiB.
     let con = get("console_1kib", "PVHVM");
     assert_eq!(ev(con, "hypercalls"), con.ops);

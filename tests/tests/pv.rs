@@ -46,7 +46,7 @@ fn dom0_and_two_domus_do_their_work_and_shut_down_cleanly() {
     }
     assert!(lines_of(out, "[domu1] balloon: 2048 pages -> released Ok(16) -> 2032 -> populated Ok(16) -> 2048").len() == 1, "{out}");
     // The ping-pong: both ends saw the same 256 messages.
-    assert_contains(out, &["[dom0] store: paired domu1 and domu2 for the ping-pong demo"]);
+    assert_contains(out, &["[dom0] store: paired domu1 and domu2 (peer in domu1's configuration)"]);
     let front = lines_of(out, "[domu1] pingpong with domain 2 (front end): sent 256, received 256 answers, 0 wrong, checksum ");
     let back = lines_of(out, "[domu2] pingpong with domain 1 (back end): served 256 requests, checksum ");
     assert_eq!((front.len(), back.len()), (1, 1), "{out}");

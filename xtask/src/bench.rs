@@ -512,7 +512,18 @@ pub fn parse_domain(serial: &str, domain: &str, flavour: &str, where_: &str) -> 
 /// emulator and one run.
 pub fn run_bochs(images: &crate::Images, quick: bool) -> Result<Vec<Bench>> {
     let q = if quick { " quick" } else { "" };
-    std::fs::write(images.dir.join("bench-pv.toml"), format!("name = \"bench-pv\"\nkernel = \"domu.elf\"\nmemory = \"8M\"\ncmdline = \"bench{q} console-kib=4\"\nkind = \"pv\"\n"))?;
+    // The PV and the PVHVM guest each have an echo peer (event ping-pong)
+    // and a virtual disk on Dom0's ATA disk (4 KiB reads).
+    std::fs::write(
+        images.dir.join("bench-pv.toml"),
+        format!("name = \"bench-pv\"\nkernel = \"domu.elf\"\nmemory = \"8M\"\ncmdline = \"bench{q} console-kib=4\"\nkind = \"pv\"\ndisks = [\"xvda:2048:16384\"]\npeer = \"bench-pv-echo\"\n"),
+    )?;
+    std::fs::write(images.dir.join("bench-pv-echo.toml"), echo_config("bench-pv-echo", "bench-pv", false))?;
+    std::fs::write(
+        images.dir.join("bench-pvhvm.toml"),
+        format!("name = \"bench-pvhvm\"\nkernel = \"domu-hvm.elf\"\nmemory = \"8M\"\ncmdline = \"name=bench-pvhvm pvhvm bench{q} settle=20000\"\nkind = \"auto\"\ndisks = [\"xvda:32768:16384\"]\npeer = \"bench-pvhvm-echo\"\n"),
+    )?;
+    std::fs::write(images.dir.join("bench-pvhvm-echo.toml"), echo_config("bench-pvhvm-echo", "bench-pvhvm", true))?;
     let mut run = crate::BochsRun::new(images);
     run.modules = vec![
         "dom0.elf name=dom0 toolstack mem=32M".into(),
@@ -520,9 +531,12 @@ pub fn run_bochs(images: &crate::Images, quick: bool) -> Result<Vec<Bench>> {
         // delays, in virtual ms) HVM and PVHVM, so that no guest's output
         // lands in the middle of another's lines.
         format!("domu-hvm.elf name=bench-hvm boot mem=8M bench{q} settle=8000"),
-        format!("domu-hvm.elf name=bench-pvhvm boot mem=8M pvhvm bench{q} settle=20000"),
         "domu.elf".into(),
+        "domu-hvm.elf".into(),
         "bench-pv.toml".into(),
+        "bench-pv-echo.toml".into(),
+        "bench-pvhvm.toml".into(),
+        "bench-pvhvm-echo.toml".into(),
     ];
     run.cmdline = std::env::var("MICROHV_BENCH_CMDLINE").unwrap_or_else(|_| "loglevel=warn".into());
     run.dir_name = "bochs-bench".into();
@@ -569,8 +583,18 @@ fn commit() -> String {
 /// The configuration of the benchmark domain.
 pub fn bench_config(quick: bool) -> String {
     format!(
-        "# The benchmark guest (written by cargo xtask bench).\nname = \"bench\"\nkernel = \"domu.elf\"\nmemory = \"8M\"\ncmdline = \"bench{}\"\nkind = \"pv\"\ndisks = [\"xvda:2048:16384\"]\n",
+        "# The benchmark guest (written by cargo xtask bench).\nname = \"bench\"\nkernel = \"domu.elf\"\nmemory = \"8M\"\ncmdline = \"bench{}\"\nkind = \"pv\"\ndisks = [\"xvda:2048:16384\"]\npeer = \"bench-echo\"\n",
         if quick { " quick" } else { "" }
+    )
+}
+
+/// The other side of the event ping-pong benchmark, for a measuring guest
+/// named `peer`: the PV guest, or (`hybrid`) the HVM image as a PVHVM guest.
+pub fn echo_config(name: &str, peer: &str, hybrid: bool) -> String {
+    let (kernel, cmdline) = if hybrid { ("domu-hvm.elf", format!("name={name} pvhvm echo settle=0")) } else { ("domu.elf", "echo".to_string()) };
+    format!(
+        "# The echo side of the event ping-pong benchmark (written by cargo xtask bench).\nname = \"{name}\"\nkernel = \"{kernel}\"\nmemory = \"8M\"\ncmdline = \"{cmdline}\"\nkind = \"{}\"\npeer = \"{peer}\"\n",
+        if hybrid { "auto" } else { "pv" }
     )
 }
 
@@ -627,10 +651,11 @@ pub fn state_per_domain(serial: &str) -> Option<u64> {
 /// Boots Dom0 + the benchmark guest (PV) under QEMU TCG with `-icount`.
 pub fn run_pv_qemu(images: &crate::Images, quick: bool, accel: crate::Accel) -> Result<(Report, String)> {
     std::fs::write(images.dir.join("bench.toml"), bench_config(quick))?;
+    std::fs::write(images.dir.join("bench-echo.toml"), echo_config("bench-echo", "bench", false))?;
     let disk = crate::project_root().join("target").join("bench").join("disk.img");
     crate::ensure_disk(&disk, true)?;
     let mut run = crate::QemuRun::new(images);
-    run.modules = vec!["dom0.elf name=dom0 toolstack mem=32M".into(), "domu.elf".into(), "bench.toml".into()];
+    run.modules = vec!["dom0.elf name=dom0 toolstack mem=32M".into(), "domu.elf".into(), "bench.toml".into(), "bench-echo.toml".into()];
     // TCG: -icount, exact instruction counts. KVM (hardware
     // virtualization): real time, i.e. cycle-level figures.
     run.accel = accel;

@@ -10,7 +10,13 @@
 //! cmdline = "x=1"         # optional: printable ASCII, at most 200 characters
 //! kind = "pv"             # optional: "pv" | "hvm" | "auto" (default "auto")
 //! disks = ["vda:0:1024"]  # optional: "name:start_sector:sectors" each
+//! peer = "domu2"          # optional: a domain to pair with (a name, as `name`)
 //! ```
+//!
+//! `peer`: when both domains exist at Dom0's start, the toolstack pairs them
+//! through the store (each finds the other's id in `<home>/peer` and may read
+//! the other's `<home>/pingpong/`): the demo's ping-pong and the event
+//! ping-pong benchmark use it.
 //!
 //! A size is either a TOML integer (bytes) or a string of decimal digits
 //! with an optional `K`, `M` or `G` suffix (binary multiples, either case).
@@ -58,7 +64,7 @@ pub const MAX_DISKS: usize = 16;
 pub const MAX_FILE_BYTES: usize = 64 << 10;
 
 /// Every key a configuration file may have, in the order they are documented.
-pub const KEYS: [&str; 8] = ["name", "kernel", "memory", "max_memory", "weight", "cmdline", "kind", "disks"];
+pub const KEYS: [&str; 9] = ["name", "kernel", "memory", "max_memory", "weight", "cmdline", "kind", "disks", "peer"];
 
 /// How the configuration asks for the image to be started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -105,6 +111,8 @@ pub struct DomainConfig {
     pub cmdline: String,
     pub kind: Kind,
     pub disks: Vec<Disk>,
+    /// The domain to pair with through the store, if any.
+    pub peer: Option<String>,
 }
 
 /// What is wrong with a configuration file. Displays as `<file>: <message>`.
@@ -204,6 +212,7 @@ struct Fields<'a, 'i> {
     cmdline: Option<&'a DeValue<'i>>,
     kind: Option<&'a DeValue<'i>>,
     disks: Option<&'a DeValue<'i>>,
+    peer: Option<&'a DeValue<'i>>,
 }
 
 fn parse_text(text: &str) -> Result<DomainConfig, String> {
@@ -231,6 +240,7 @@ fn parse_text(text: &str) -> Result<DomainConfig, String> {
             "cmdline" => &mut f.cmdline,
             "kind" => &mut f.kind,
             "disks" => &mut f.disks,
+            "peer" => &mut f.peer,
             _ => {
                 let at = key.span().start;
                 if unknown.is_none_or(|(_, first)| at < first) {
@@ -324,6 +334,18 @@ fn parse_text(text: &str) -> Result<DomainConfig, String> {
         Some(v) => disks(v)?,
     };
 
+    let peer = match f.peer {
+        None => None,
+        Some(v) => {
+            let p = string("peer", v)?;
+            check_name("peer", p, NAME_MAX)?;
+            if p == name {
+                return Err(format!("peer: {} is this domain's own name", Quoted(p)));
+            }
+            Some(p.to_string())
+        }
+    };
+
     Ok(DomainConfig {
         name: name.to_string(),
         kernel: kernel.to_string(),
@@ -333,6 +355,7 @@ fn parse_text(text: &str) -> Result<DomainConfig, String> {
         cmdline,
         kind,
         disks,
+        peer,
     })
 }
 
@@ -596,6 +619,7 @@ weight = 512
 cmdline = "console=hvc0 x=1"
 kind = "pv"
 disks = ["vda:0:1024", "vdb:1024:2048"]
+peer = "domu2"
 "#;
 
     const MINIMAL: &str = "name = \"domu1\"\nkernel = \"domu.elf\"\nmemory = \"8M\"\n";
@@ -603,6 +627,14 @@ disks = ["vda:0:1024", "vdb:1024:2048"]
     /// `MINIMAL` plus `extra` lines.
     fn with(extra: &str) -> String {
         format!("{MINIMAL}{extra}\n")
+    }
+
+    #[test]
+    fn peer_is_a_name_and_not_our_own() {
+        assert_eq!(ok(&with("peer = \"bench-echo\"")).peer.as_deref(), Some("bench-echo"));
+        assert_eq!(err(&with("peer = \"domu1\"")), "peer: 'domu1' is this domain's own name");
+        assert!(err(&with("peer = \"a b\"")).starts_with("peer: "));
+        assert!(err(&with("peer = 3")).starts_with("peer: expected a string"));
     }
 
     /// The message of the error `text` gives.
@@ -636,6 +668,7 @@ disks = ["vda:0:1024", "vdb:1024:2048"]
                     Disk { name: "vda".into(), start_sector: 0, sectors: 1024 },
                     Disk { name: "vdb".into(), start_sector: 1024, sectors: 2048 },
                 ],
+                peer: Some("domu2".into()),
             }
         );
     }
@@ -649,6 +682,7 @@ disks = ["vda:0:1024", "vdb:1024:2048"]
         assert_eq!(c.cmdline, "");
         assert_eq!(c.kind, Kind::Auto);
         assert!(c.disks.is_empty());
+        assert_eq!(c.peer, None);
         // The default limit never goes past the largest memory.
         let c = ok("name = \"a\"\nkernel = \"k\"\nmemory = \"1G\"\n");
         assert_eq!((c.memory_pages, c.max_pages), (262_144, 262_144));
@@ -755,7 +789,7 @@ disks = ["vda:0:1024", "vdb:1024:2048"]
         assert_eq!(err(&with("maxmemory = \"9M\"")), "unknown key 'maxmemory' (did you mean 'max_memory'?)");
         assert_eq!(
             err(&with("vcpus = 2")),
-            "unknown key 'vcpus' (known keys: name, kernel, memory, max_memory, weight, cmdline, kind, disks)"
+            "unknown key 'vcpus' (known keys: name, kernel, memory, max_memory, weight, cmdline, kind, disks, peer)"
         );
         // The first in the file is reported, not the first alphabetically.
         assert!(err(&with("zz = 1\naa = 2")).starts_with("unknown key 'zz'"));
@@ -919,6 +953,7 @@ disks = ["vda:0:1024", "vdb:1024:2048"]
             cmdline: String::new(),
             kind,
             disks: Vec::new(),
+            peer: None,
         }
     }
 

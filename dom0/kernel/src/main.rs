@@ -432,25 +432,27 @@ mod guest {
                 Err(e) => println!("console backend: cannot connect to {}: {e}", name_of(d)),
             }
         }
-        // Pair the demo DomUs (names starting with "domu") two by two through
-        // the store: each learns its peer and may read the peer's pingpong/.
-        let demo: Vec<&DomainInfo> = domus
-            .iter()
-            .filter(|d| name_of(d).starts_with("domu"))
-            .collect();
-        for pair in demo.chunks_exact(2) {
-            let (a, b) = (pair[0].domid, pair[1].domid);
-            for (me, peer) in [(a, b), (b, a)] {
-                let home = domain_path(DomId(me));
-                let _ = store.write(0, &format!("{home}/peer"), format!("{peer}").as_bytes());
-                let _ = store.mkdir(0, &format!("{home}/pingpong"));
-                let _ = store.set_perm(0, &format!("{home}/pingpong"), peer, Perm::Read);
+        // Pair the DomUs whose configurations name each other (`peer`)
+        // through the store: each learns its peer's id and may read the
+        // peer's pingpong/ (the demo's ping-pong, the event benchmark).
+        let mut paired: Vec<u16> = Vec::new();
+        for d in &domus {
+            let Some(peer) = crate::toolstack::peer_of(&name_of(d), &modules) else { continue };
+            let Some(e) = domus.iter().find(|e| name_of(e) == peer && e.domid != d.domid) else {
+                println!("store: {}'s peer '{peer}' is not running; not paired", name_of(d));
+                continue;
+            };
+            if paired.contains(&d.domid) || paired.contains(&e.domid) {
+                continue;
             }
-            println!(
-                "store: paired {} and {} for the ping-pong demo",
-                name_of(pair[0]),
-                name_of(pair[1])
-            );
+            paired.extend([d.domid, e.domid]);
+            for (me, other) in [(d.domid, e.domid), (e.domid, d.domid)] {
+                let home = domain_path(DomId(me));
+                let _ = store.write(0, &format!("{home}/peer"), format!("{other}").as_bytes());
+                let _ = store.mkdir(0, &format!("{home}/pingpong"));
+                let _ = store.set_perm(0, &format!("{home}/pingpong"), other, Perm::Read);
+            }
+            println!("store: paired {} and {} (peer in {}'s configuration)", name_of(d), name_of(e), name_of(d));
         }
         println!("console backend and store serving {} DomUs", backends.len());
         let interactive = si

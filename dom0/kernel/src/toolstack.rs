@@ -243,15 +243,23 @@ pub fn spawn(m: &Module, modules: &[Module], scratch: &[u64], count: u32) -> u32
     made
 }
 
-/// The virtual disks the configuration module that creates `name` lists.
-pub fn disks_of(name: &str, modules: &[Module]) -> Vec<config::Disk> {
+/// The configuration (among the `.toml` modules) that describes `name`.
+fn config_of(name: &str, modules: &[Module]) -> Option<config::DomainConfig> {
     modules
         .iter()
         .filter(|m| m.file.ends_with(".toml"))
         .filter_map(|m| config::parse(&m.file, core::str::from_utf8(m.bytes).ok()?).ok())
         .find(|c| c.name == name)
-        .map(|c| c.disks)
-        .unwrap_or_default()
+}
+
+/// The virtual disks the configuration module that creates `name` lists.
+pub fn disks_of(name: &str, modules: &[Module]) -> Vec<config::Disk> {
+    config_of(name, modules).map(|c| c.disks).unwrap_or_default()
+}
+
+/// The `peer` the configuration of `name` names, if any.
+pub fn peer_of(name: &str, modules: &[Module]) -> Option<String> {
+    config_of(name, modules).and_then(|c| c.peer)
 }
 
 pub fn create(cfg_module: &Module, modules: &[Module], scratch: &[u64]) -> Result<DomId, String> {

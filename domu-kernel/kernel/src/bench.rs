@@ -223,6 +223,17 @@ pub fn run(si: &StartInfo, spare_va: u64) {
         count += 1;
     }
 
+    // 6b. Event ping-pong with another domain (Dom0 pairs us with the
+    // `peer` of our configuration; it runs `echo`).
+    match crate::evping::Pinger::connect() {
+        Ok(p) => {
+            measure("event_pingpong", n, || p.round_trip());
+            p.close();
+            count += 1;
+        }
+        Err(e) => println!("bench: event_pingpong skipped: no echo peer ({e})"),
+    }
+
     // 7. Console: 64 KiB (or `console-kib=`) through the PV console ring,
     // 1 KiB at a time. (Bochs sends serial output at the line's baud rate:
     // there it is kept small.)

@@ -517,7 +517,10 @@ extern "C" fn hvm_main(magic: u32, mbi: u32) -> ! {
         attack(name, a);
     }
     if cmd.split_ascii_whitespace().any(|w| w == "bench") {
-        bench::run(cmd);
+        bench::run(name, cmd);
+    }
+    if cmd.split_ascii_whitespace().any(|w| w == "echo") {
+        echo(name);
     }
     if cmd.split_ascii_whitespace().any(|w| w == "pvhvm") {
         pvhvm(name);
@@ -725,25 +728,32 @@ fn take_events() {
     }
 }
 
-/// The split drivers from a hybrid guest: when microhv announces a store
-/// ring (CPUID leaf 0x4000_0002), start microhv-guest's runtime over VMCALL
-/// (a start_info filled in from CPUID, a heap above the kernel), then run
-/// the PV guest's disk demo through the same block frontend.
-fn split_drivers(name: &str, domid: u16) {
+/// Starts microhv-guest's runtime in a hybrid guest when microhv announces
+/// a store ring (CPUID leaf 0x4000_0002): a start_info filled in from CPUID,
+/// and a heap above the kernel and its modules. Then the PV guest's code
+/// (store client, block frontend, event handlers) runs here over VMCALL.
+fn start_runtime(name: &str) -> bool {
     use microhv_guest::StartInfo;
+    if microhv_guest::try_start_info().is_some() {
+        return true;
+    }
     let leaf = cpuid(0x4000_0002);
     if leaf[0] == 0 {
-        println!("no store ring announced (CPUID 0x40000002); split drivers skipped");
-        return;
+        println!("no store ring announced (CPUID 0x40000002): no split drivers");
+        return false;
     }
+    let hv = cpuid(0x4000_0001);
+    EVTCHN_VECTOR.store(hv[1] as u64, Ordering::Relaxed);
+    SHARED_INFO.store((hv[2] as u64) << 12, Ordering::Relaxed);
+    PVHVM.store(true, Ordering::Relaxed);
     static mut SI: StartInfo = StartInfo::zeroed();
     // SAFETY: written once here, before the runtime reads it; the guest has
     // one vCPU and the upcall does not touch it until start_hvm.
     let si = unsafe { &mut *core::ptr::addr_of_mut!(SI) };
     let mem_end = MEM_END.load(Ordering::Relaxed);
-    si.domid = domid;
+    si.domid = hv[3] as u16;
     si.nr_pages = mem_end / 4096;
-    si.shared_info_va = SHARED_INFO.load(Ordering::Relaxed);
+    si.shared_info_va = (hv[2] as u64) << 12;
     si.store_va = (leaf[0] as u64) << 12;
     si.store_evtchn = leaf[1] as u64;
     si.set_name(name);
@@ -756,20 +766,31 @@ fn split_drivers(name: &str, domid: u16) {
     let size = mem_end.saturating_sub(start).min(2 << 20);
     if size < 256 * 1024 {
         println!("split drivers: only {size} bytes free for a heap; skipped");
-        return;
+        return false;
     }
     // SAFETY: [start, start + size) is our own identity-mapped memory above
     // the image and the modules, used by nothing else; done once.
     unsafe { microhv_guest::init_heap_at(start, size as usize) };
     // SAFETY: `si` is 'static and complete.
     microhv_guest::start_hvm(unsafe { &*core::ptr::addr_of!(SI) });
-    println!(
-        "split drivers through VMCALL: store ring at gfn {:#x}, port {}, heap {} KiB",
-        leaf[0], leaf[1], size / 1024
-    );
-    // As the PV DomUs do: wait until Dom0's store answers.
+    println!("split drivers through VMCALL: store ring at gfn {:#x}, port {}, heap {} KiB", leaf[0], leaf[1], size / 1024);
+    // As the PV DomUs do: wait until Dom0's store answers (its start-up
+    // work is then over).
     let _ = microhv_guest::store::read(&alloc::format!("{}/name", microhv_guest::store::home()));
-    crate::disk::run(name);
+    true
+}
+
+/// The echo side of the event ping-pong benchmark, as a hybrid guest.
+fn echo(name: &str) -> ! {
+    if start_runtime(name) {
+        // SAFETY: events arrive as the injected vector from here on.
+        unsafe { asm!("sti") };
+        match crate::evping::echo() {
+            Ok(n) => println!("echo: answered {n} events; the other side closed its port"),
+            Err(e) => println!("echo: FAILED: {e}"),
+        }
+    }
+    power_off(0)
 }
 
 /// The hybrid flavour: console through VMCALL, sleeps through set_timer
@@ -882,7 +903,9 @@ fn pvhvm(name: &str) -> ! {
     let mmu = unsafe { vmcall(nr::MMU_UPDATE, [0, 0, 0]) };
     println!("VMCALL refusals: domctl_list -> {list}, mmu_update -> {mmu} (PV-only or privileged)");
     memory(name);
-    split_drivers(name, me as u16);
+    if start_runtime(name) {
+        crate::disk::run(name);
+    }
     println!("done: {} events handled; shutting down", EVENTS.load(Ordering::SeqCst));
     // SAFETY: no pointer arguments.
     let _ = unsafe { vmcall(nr::SCHED_SHUTDOWN, [SHUTDOWN_POWEROFF, 0, 0]) };
@@ -1001,7 +1024,7 @@ mod bench {
         report(name, samples, &c0, &c1);
     }
 
-    pub fn run(cmd: &str) -> ! {
+    pub fn run(name: &str, cmd: &str) -> ! {
         let quick = cmd.split_ascii_whitespace().any(|w| w == "quick");
         let hybrid = cmd.split_ascii_whitespace().any(|w| w == "pvhvm");
         if hybrid {
@@ -1085,6 +1108,48 @@ mod bench {
             let c1 = counters();
             report("event_send_to_upcall", samples, &c0, &c1);
             count += 1;
+            // The split drivers over VMCALL: event ping-pong with the echo
+            // peer Dom0 paired us with, and 4 KiB reads through blkfront.
+            // Interrupts on around each operation: replies are the vector.
+            if start_runtime(name) {
+                // SAFETY: toggles IF only; the vector's handler is set up.
+                let on = || unsafe { asm!("sti") };
+                // SAFETY: as above.
+                let off = || unsafe { asm!("cli") };
+                on();
+                match crate::evping::Pinger::connect() {
+                    Ok(p) => {
+                        off();
+                        measure("event_pingpong", n, || {
+                            on();
+                            p.round_trip();
+                            off();
+                        });
+                        p.close();
+                        count += 1;
+                    }
+                    Err(e) => println!("bench: event_pingpong skipped: no echo peer ({e})"),
+                }
+                on();
+                if let Ok(mut d) = microhv_guest::blkfront::BlkFront::connect(0) {
+                    off();
+                    let layout = core::alloc::Layout::from_size_align(4096, 4096).expect("layout");
+                    // SAFETY: non-zero size; freed never.
+                    let buf = unsafe { core::slice::from_raw_parts_mut(alloc::alloc::alloc_zeroed(layout), 4096) };
+                    let mut sector = 0;
+                    let sectors = d.sectors();
+                    measure("block_read_4k", n.min(200), || {
+                        on();
+                        let _ = d.read(sector, buf);
+                        off();
+                        sector = (sector + 8) % sectors.max(8);
+                    });
+                    on();
+                    let _ = d.close();
+                    count += 1;
+                }
+                off();
+            }
         }
         // 1 KiB of console: through the emulated UART (two port exits per
         // byte) or, for the hybrid, one console_write VMCALL.
@@ -1101,6 +1166,10 @@ mod bench {
         }
         let c1 = counters();
         println!();
+        // 4 KiB at the serial line's pace: let Dom0 send it before more
+        // lines follow (see `report`).
+        one_shot(1_200_000_000);
+        wait_ticks(1);
         report("console_1kib", &samples, &c0, &c1);
         count += 1;
         // Timer: one-shot APIC timer 200 us out, HLT until its interrupt.
@@ -1121,6 +1190,9 @@ mod bench {
         report("timer_latency", &lat[..m], &c0, &c1);
         count += 1;
         println!("BENCH-DONE {count}");
+        // The last lines reach Dom0's console before the domain ends.
+        one_shot(1_000_000_000);
+        wait_ticks(1);
         power_off(0)
     }
 }

@@ -28,6 +28,10 @@ mod hvm;
 #[cfg(target_os = "none")]
 mod disk;
 
+/// The event ping-pong benchmark's two sides, shared likewise.
+#[cfg(target_os = "none")]
+mod evping;
+
 #[cfg(all(target_os = "none", not(feature = "hvm")))]
 mod guest {
     extern crate alloc;
@@ -67,6 +71,14 @@ mod guest {
         // Wait until Dom0's store answers: its start-up work (building the other
         // DomUs, connecting backends) is then over and does not skew the timings.
         let _ = microhv_guest::store::read(&alloc::format!("{}/name", microhv_guest::store::home()));
+        // The other side of the event ping-pong benchmark.
+        if si.cmdline().split_ascii_whitespace().any(|w| w == "echo") {
+            match crate::evping::echo() {
+                Ok(n) => println!("echo: answered {n} events; the other side closed its port"),
+                Err(e) => println!("echo: FAILED: {e}"),
+            }
+            microhv_guest::shutdown(SHUTDOWN_POWEROFF);
+        }
         if si.cmdline().split_ascii_whitespace().any(|w| w == "bench") {
             // The spare slot below the balloon pages, unmapped: the benchmarks
             // rewrite its page-table entry and fault on it.

@@ -1110,7 +1110,8 @@ fn read_guest_phys(p2m: &[Mfn], gpa: u64, buf: &mut [u8]) -> Result<(), shared_a
 
 /// Before an entry: fire the virtual timer, then inject the highest pending
 /// interrupt if the guest can take it, or ask for an exit when it can.
-fn prepare_entry(h: &mut HvmDomain, now: u64, slice_end: u64) {
+/// Returns the vector injected on this entry, if any.
+fn prepare_entry(h: &mut HvmDomain, now: u64, slice_end: u64) -> Option<u8> {
     h.platform.lapic.tick(now);
     let v = &mut CurrentVmcs;
     // The rest of the slice on the VMX preemption timer, which counts TSC
@@ -1124,12 +1125,14 @@ fn prepare_entry(h: &mut HvmDomain, now: u64, slice_end: u64) {
     let busy = h.vcpu.reinject.is_some() || EntryInterruptionInfo::read(v).unwrap_or(0) & INTR_VALID != 0;
     let proc = ProcBasedControls::read(v).unwrap_or(0);
     let mut window = false;
+    let mut injected = None;
     if let Some(vector) = h.platform.lapic.pending() {
         let rflags = GuestRflags::read(v).unwrap_or(0);
         let blocked = GuestInterruptibilityState::read(v).unwrap_or(0) & 3 != 0;
         if !busy && rflags & (1 << 9) != 0 && !blocked {
             let _ = EntryInterruptionInfo::write(v, INTR_VALID | INTR_TYPE_EXT | vector as u32);
             h.platform.lapic.ack(vector);
+            injected = Some(vector);
         } else {
             window = true;
         }
@@ -1138,6 +1141,7 @@ fn prepare_entry(h: &mut HvmDomain, now: u64, slice_end: u64) {
     if want != proc {
         let _ = ProcBasedControls::write(v, want);
     }
+    injected
 }
 
 /// Runs HVM vCPU `idx` until something needs the scheduler: returns true
@@ -1169,7 +1173,8 @@ pub fn run(hv: &mut Hv, idx: usize) -> bool {
         domain::kill(hv, idx, e);
         return true;
     }
-    prepare_entry(h, now, slice_end);
+    // An injected event vector is the hybrid's upcall (counted as one).
+    let injected = prepare_entry(h, now, slice_end);
     let exit = match Vmx::run(&mut h.vcpu) {
         Ok(e) => e,
         Err(e) => {
@@ -1179,6 +1184,9 @@ pub fn run(hv: &mut Hv, idx: usize) -> bool {
     };
     let now = time::nanos_since_boot();
     h.last_exit_ns = Some(now);
+    if injected == Some(platform::EVTCHN_VECTOR) {
+        hv.domains[idx].counters.upcalls += 1;
+    }
     let action = if exit == VmExit::ExternalInterrupt {
         hv.domains[idx].counters.interrupts += 1;
         let Some(h) = hv.domains[idx].hvm.as_mut() else { return true };
