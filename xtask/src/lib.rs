@@ -337,6 +337,8 @@ pub const BOCHS_DISK_SPT: u64 = 63;
 /// 64512 sectors (31.5 MiB): room for the demo's virtual disks (sectors
 /// 2048..18432 and 32768..49152).
 pub const BOCHS_DISK_SECTORS: u64 = BOCHS_DISK_CYLINDERS * BOCHS_DISK_HEADS * BOCHS_DISK_SPT;
+// The demo's virtual disks fit (domu2's ends at sector 49152).
+const _: () = assert!(BOCHS_DISK_SECTORS == 64512 && BOCHS_DISK_SECTORS >= 49152);
 
 /// Where `cargo xtask bochs` keeps its disk (ata0-slave) between runs.
 pub fn default_bochs_disk() -> PathBuf {
@@ -513,9 +515,6 @@ mod tests {
         let rc = run.bochsrc();
         assert!(rc.contains("ata0-master: type=cdrom, path=microhv.iso"), "{rc}");
         assert!(rc.contains("ata0-slave: type=disk, path=/tmp/x/disk.img, mode=flat, cylinders=64, heads=16, spt=63\n"), "{rc}");
-        assert_eq!(BOCHS_DISK_SECTORS, 64512);
-        // The demo's virtual disks fit (domu2's ends at sector 49152).
-        assert!(BOCHS_DISK_SECTORS >= 49152);
     }
 
     #[test]

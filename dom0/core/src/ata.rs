@@ -57,6 +57,7 @@ pub const CMD_FLUSH_CACHE: u8 = 0xe7;
 pub const CMD_IDENTIFY: u8 = 0xec;
 
 pub const SECTOR_SIZE: usize = 512;
+const _: () = assert!(SECTOR_SIZE.is_power_of_two());
 /// LBA28 addresses this many sectors.
 pub const LBA28_SECTORS: u64 = 1 << 28;
 /// One READ/WRITE SECTORS moves at most this many (count register 0 = 256).
@@ -464,7 +465,7 @@ impl<P: Ports> AtaDisk<P> {
     }
 
     fn check_range(&self, lba: u64, len: usize) -> Result<(), AtaError> {
-        if len == 0 || len % SECTOR_SIZE != 0 {
+        if len == 0 || len & (SECTOR_SIZE - 1) != 0 {
             return Err(AtaError::OutOfRange);
         }
         let end = lba.checked_add((len / SECTOR_SIZE) as u64).ok_or(AtaError::OutOfRange)?;

@@ -371,7 +371,7 @@ struct Ata {
 
 /// The real disk.
 enum Device {
-    Virtio(Virtio),
+    Virtio(Box<Virtio>),
     Ata(Ata),
 }
 
@@ -404,7 +404,7 @@ pub fn probe(slots: &[u64]) -> Option<Block> {
         }
     }
     let dev = match found {
-        Some(df) => Device::Virtio(probe_virtio(&mut root, df, slots)?),
+        Some(df) => Device::Virtio(Box::new(probe_virtio(&mut root, df, slots)?)),
         None => Device::Ata(probe_ata()?),
     };
     let capacity = match &dev {
@@ -546,8 +546,9 @@ impl Block {
     fn close(&mut self, i: usize, why: &str) {
         let v = &mut self.vbds[i];
         if v.conn == Conn::Connected {
-            // SAFETY: (both) no pointers beyond our own slot address.
+            // SAFETY: no pointers beyond our own slot address.
             let _ = unsafe { hc::grant_unmap(DomId(v.domid), v.gref, GuestVa(v.slot)) };
+            // SAFETY: no pointer arguments.
             let _ = unsafe { hc::evtchn_close(u64::from(v.port)) };
             self.ring_slots.push(v.slot);
         }

@@ -255,7 +255,7 @@ const _: () = {
     let ranges = [COM1_PORTS, PCI_CONFIG_PORTS, ATA_PRIMARY_PORTS];
     let mut i = 0;
     while i < ranges.len() {
-        assert!(*ranges[i].start() % 8 == 0 && *ranges[i].end() == *ranges[i].start() + 7);
+        assert!(*ranges[i].start() & 7 == 0 && *ranges[i].end() == *ranges[i].start() + 7);
         i += 1;
     }
     // The control port's byte is none of theirs.
