@@ -57,6 +57,49 @@ fn log_line_at(s: &str) -> Option<usize> {
     Some(1 + close + 1 + end)
 }
 
+/// Checks of a disk image the demo DomUs wrote to (from the host, after
+/// the boot): the same under QEMU (virtio-blk) and Bochs (ATA).
+pub mod disk {
+    use domu_core::disk::{word, Header, DATA_SECTOR, DISK_DATA_SECTORS};
+
+    pub const SECTOR: usize = 512;
+    /// Where the default configurations put each DomU's virtual disk.
+    pub const DOMU1_START: usize = 2048;
+    pub const DOMU2_START: usize = 32768;
+
+    /// Checks the demo's header and data for `name`'s run `run` at `start`.
+    pub fn assert_demo_region(img: &[u8], start: usize, name: &str, run: u64) {
+        let at = start * SECTOR;
+        let h = Header::decode(&img[at..at + 48]).unwrap_or_else(|| panic!("no demo header at sector {start}"));
+        assert!(h.is_for(name), "header at sector {start} is not {name}'s: {h:?}");
+        assert_eq!(h.run, run, "run counter of {name}");
+        let data = at + DATA_SECTOR as usize * SECTOR;
+        let words = (DISK_DATA_SECTORS as usize * SECTOR) / 8;
+        for i in 0..words {
+            let got = u64::from_le_bytes(img[data + i * 8..data + i * 8 + 8].try_into().unwrap());
+            assert_eq!(got, word(name, run, i as u64), "{name}'s data word {i} (run {run})");
+        }
+    }
+
+    /// Every byte outside `regions` (sector ranges) is still zero.
+    pub fn assert_zero_outside(img: &[u8], regions: &[(usize, usize)]) {
+        let mut at = 0;
+        let mut sorted = regions.to_vec();
+        sorted.sort();
+        for (s, e) in sorted.into_iter().chain([(img.len() / SECTOR, img.len() / SECTOR)]) {
+            if let Some(i) = img[at..s * SECTOR].iter().position(|&b| b != 0) {
+                panic!("byte {:#x} (sector {}) changed outside every DomU's region", at + i, (at + i) / SECTOR);
+            }
+            at = e * SECTOR;
+        }
+    }
+
+    /// The first sector after the demo's data at `start`.
+    pub fn demo_end(start: usize) -> usize {
+        start + (DATA_SECTOR + DISK_DATA_SECTORS) as usize
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

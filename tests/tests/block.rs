@@ -2,15 +2,11 @@
 //! region of the disk image through the PV block split driver. The tests
 //! look at the image file itself, from the host, after each boot.
 
-use domu_core::disk::{word, Header, DATA_SECTOR, DISK_DATA_SECTORS};
+use microhv_tests::disk::{assert_demo_region, assert_zero_outside, demo_end, DOMU1_START, DOMU2_START, SECTOR};
 use microhv_tests::{assert_contains, assert_frames_returned};
 use std::path::PathBuf;
 use xtask::{ensure_disk, test_run, Outcome};
 
-const SECTOR: usize = 512;
-/// Where the default configurations put each DomU's virtual disk.
-const DOMU1_START: usize = 2048;
-const DOMU2_START: usize = 32768;
 /// The hostile guest's virtual disk (its test configuration below).
 const HOSTILE_START: usize = 65536;
 
@@ -21,37 +17,6 @@ fn fresh_disk(name: &str) -> PathBuf {
     let path = dir.join(format!("{name}.img"));
     ensure_disk(&path, true).expect("qemu-img");
     path
-}
-
-/// Checks the demo's header and data for `name`'s run `run` at `start`.
-fn assert_demo_region(img: &[u8], start: usize, name: &str, run: u64) {
-    let at = start * SECTOR;
-    let h = Header::decode(&img[at..at + 48]).unwrap_or_else(|| panic!("no demo header at sector {start}"));
-    assert!(h.is_for(name), "header at sector {start} is not {name}'s: {h:?}");
-    assert_eq!(h.run, run, "run counter of {name}");
-    let data = at + DATA_SECTOR as usize * SECTOR;
-    let words = (DISK_DATA_SECTORS as usize * SECTOR) / 8;
-    for i in 0..words {
-        let got = u64::from_le_bytes(img[data + i * 8..data + i * 8 + 8].try_into().unwrap());
-        assert_eq!(got, word(name, run, i as u64), "{name}'s data word {i} (run {run})");
-    }
-}
-
-/// Every byte outside `regions` (sector ranges) is still zero.
-fn assert_zero_outside(img: &[u8], regions: &[(usize, usize)]) {
-    let mut at = 0;
-    let mut sorted = regions.to_vec();
-    sorted.sort();
-    for (s, e) in sorted.into_iter().chain([(img.len() / SECTOR, img.len() / SECTOR)]) {
-        if let Some(i) = img[at..s * SECTOR].iter().position(|&b| b != 0) {
-            panic!("byte {:#x} (sector {}) changed outside every DomU's region", at + i, (at + i) / SECTOR);
-        }
-        at = e * SECTOR;
-    }
-}
-
-fn demo_end(start: usize) -> usize {
-    start + (DATA_SECTOR + DISK_DATA_SECTORS) as usize
 }
 
 #[test]

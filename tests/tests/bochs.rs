@@ -2,8 +2,10 @@
 //! with VMX. It runs the PV demo (Dom0's toolstack and two DomUs) next to
 //! the HVM flavour of the demo DomU, an unmodified multiboot kernel that
 //! microhv runs under VT-x, and its hybrid (PVHVM) twin; and the hostile
-//! HVM guests next to normal domains.
+//! HVM guests next to normal domains. The PV DomUs' disks are regions of an
+//! ATA disk (ata0-slave) that Dom0 drives with PIO: Bochs has no virtio.
 
+use microhv_tests::disk::{assert_demo_region, assert_zero_outside, demo_end, DOMU1_START, DOMU2_START};
 use microhv_tests::{assert_contains, assert_frames_returned, without_log_lines};
 use std::sync::Mutex;
 use xtask::{images_for_tests, BochsRun, Outcome};
@@ -15,7 +17,12 @@ static BOCHS: Mutex<()> = Mutex::new(());
 fn grub_boots_the_pv_demo_and_hvm_domus_in_bochs() {
     xtask::ensure_bochs().expect("Bochs and GRUB are needed for this test");
     let _one = BOCHS.lock().unwrap_or_else(|e| e.into_inner());
-    let r = BochsRun::new(&images_for_tests()).run().expect("Bochs could not be started");
+    let dir = xtask::project_root().join("target").join("test-disks");
+    let disk = dir.join("bochs-demo.img");
+    xtask::ensure_bochs_disk(&disk, true).expect("creating the Bochs disk image");
+    let mut run = BochsRun::new(&images_for_tests());
+    run.disk = Some(disk.clone());
+    let r = run.run().expect("Bochs could not be started");
     let out = &r.serial;
     assert_eq!(r.outcome, Outcome::Success, "{out}");
     // Guest lines (printed by Dom0) are checked without microhv's log lines,
@@ -85,6 +92,37 @@ fn grub_boots_the_pv_demo_and_hvm_domus_in_bochs() {
             "pingpong with domain 4 (back end): served 256 requests",
         ],
     );
+    // The PV DomUs' disk demo on the ATA disk: the same lines as under QEMU
+    // with virtio-blk (tests/block.rs).
+    assert_contains(
+        text,
+        &[
+            "[dom0] block: ATA disk on ata0-slave: 64512 sectors (31 MiB), PIO, polled",
+            "[dom0] block: domu1: virtual disk xvda = sectors 2048..18432 of the real disk",
+            "[dom0] block: domu2: virtual disk xvda = sectors 32768..49152 of the real disk",
+            "[dom0] block: domu1/xvda: connected",
+            "[dom0] block: domu2/xvda: connected",
+            "[domu1] disk: 16384 sectors; no earlier run of domu1 on it (a fresh disk)",
+            "[domu2] disk: 16384 sectors; no earlier run of domu2 on it (a fresh disk)",
+            "[domu1] disk: read past the end of the disk -> EIO (as expected)",
+            "[domu2] disk: read past the end of the disk -> EIO (as expected)",
+            "[domu1] disk: run 1: wrote 1024 KiB in ",
+            "[domu2] disk: run 1: wrote 1024 KiB in ",
+            "32 requests of 32 KiB, 4 in flight",
+            "[dom0] block: domu1/xvda: disconnected (frontend closed)",
+            "[dom0] block: domu2/xvda: disconnected (frontend closed)",
+            // The past-the-end reads are the only errors; no channel resets.
+            "[dom0] block: served 74 requests, 2064 KiB, 2 errors, ATA PIO polled, 0 channel resets",
+        ],
+    );
+    assert!(!text.contains("disk: FAILED") && !text.contains("DIFFER"), "{out}");
+    // From the host: each DomU's bytes at its own offset of the image, and
+    // nothing anywhere else.
+    let img = std::fs::read(&disk).expect("disk image");
+    assert_eq!(img.len(), 64512 * 512);
+    assert_demo_region(&img, DOMU1_START, "domu1", 1);
+    assert_demo_region(&img, DOMU2_START, "domu2", 1);
+    assert_zero_outside(&img, &[(DOMU1_START, demo_end(DOMU1_START)), (DOMU2_START, demo_end(DOMU2_START))]);
     // The three sleeps of each HVM guest, in the same words as the PV DomUs'.
     assert_eq!(text.matches("[hvm1] sleep ").count(), 3, "{out}");
     // hvm2 and hvm3 (both hybrid).

@@ -35,6 +35,12 @@ fn normal_boot_passes_its_self_check() {
             "VT-x: this CPU has no VMX",
         ],
     );
+    // No disk attached: no virtio-blk device, and nothing on the IDE
+    // channel's slave position either; Dom0 says so and goes on.
+    assert_contains(
+        &microhv_tests::without_log_lines(out),
+        &["[dom0] block: no virtio-blk device, no ATA disk on ata0-slave; virtual disks are not offered"],
+    );
 }
 
 #[test]

@@ -329,6 +329,45 @@ pub fn ensure_disk(path: &Path, fresh: bool) -> Result<bool> {
     Ok(true)
 }
 
+/// Geometry of the Bochs disk image: Bochs wants a flat image that is a
+/// whole number of cylinders, so the size is given as C/H/S explicitly.
+pub const BOCHS_DISK_CYLINDERS: u64 = 64;
+pub const BOCHS_DISK_HEADS: u64 = 16;
+pub const BOCHS_DISK_SPT: u64 = 63;
+/// 64512 sectors (31.5 MiB): room for the demo's virtual disks (sectors
+/// 2048..18432 and 32768..49152).
+pub const BOCHS_DISK_SECTORS: u64 = BOCHS_DISK_CYLINDERS * BOCHS_DISK_HEADS * BOCHS_DISK_SPT;
+// The demo's virtual disks fit (domu2's ends at sector 49152).
+const _: () = assert!(BOCHS_DISK_SECTORS == 64512 && BOCHS_DISK_SECTORS >= 49152);
+
+/// Where `cargo xtask bochs` keeps its disk (ata0-slave) between runs.
+pub fn default_bochs_disk() -> PathBuf {
+    project_root().join("target").join("microhv-bochs-disk.img")
+}
+
+/// Creates the zeroed flat image `path` of [`BOCHS_DISK_SECTORS`] sectors
+/// unless it exists (`fresh`: delete it first). Returns whether it was
+/// created. An existing file of another size is an error: Bochs would not
+/// take it with this geometry.
+pub fn ensure_bochs_disk(path: &Path, fresh: bool) -> Result<bool> {
+    if fresh && path.exists() {
+        std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    let bytes = BOCHS_DISK_SECTORS * 512;
+    if let Ok(m) = std::fs::metadata(path) {
+        if m.len() != bytes {
+            bail!("{} has {} bytes, not {bytes} ({BOCHS_DISK_SECTORS} sectors); start over with --fresh-disk", path.display(), m.len());
+        }
+        return Ok(false);
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    f.set_len(bytes).with_context(|| format!("sizing {}", path.display()))?;
+    Ok(true)
+}
+
 #[derive(Debug)]
 pub struct RunResult {
     pub outcome: Outcome,
@@ -468,6 +507,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn bochs_disk_is_ata0_slave_with_explicit_geometry() {
+        let images = Images::in_dir(Path::new("/tmp/x"));
+        let mut run = BochsRun::new(&images);
+        assert!(!run.bochsrc().contains("ata0-slave"), "no disk unless asked for");
+        run.disk = Some(PathBuf::from("/tmp/x/disk.img"));
+        let rc = run.bochsrc();
+        assert!(rc.contains("ata0-master: type=cdrom, path=microhv.iso"), "{rc}");
+        assert!(rc.contains("ata0-slave: type=disk, path=/tmp/x/disk.img, mode=flat, cylinders=64, heads=16, spt=63\n"), "{rc}");
+    }
+
+    #[test]
+    fn bochs_disk_image_is_whole_cylinders_and_kept_unless_fresh() {
+        let dir = std::env::temp_dir().join(format!("xtask-bochs-disk-{}", std::process::id()));
+        let path = dir.join("d.img");
+        assert!(ensure_bochs_disk(&path, false).unwrap());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 64512 * 512);
+        std::fs::write(&path, vec![1u8; 64512 * 512]).unwrap();
+        assert!(!ensure_bochs_disk(&path, false).unwrap(), "kept");
+        assert_eq!(std::fs::read(&path).unwrap()[0], 1);
+        assert!(ensure_bochs_disk(&path, true).unwrap(), "fresh");
+        assert_eq!(std::fs::read(&path).unwrap()[0], 0);
+        std::fs::write(&path, b"short").unwrap();
+        assert!(ensure_bochs_disk(&path, false).is_err(), "a wrong size is refused");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn qemu_status_maps_to_outcomes_and_exit_codes() {
         use shared_abi::exit::*;
         assert_eq!(Outcome::from_qemu_status(Some(qemu_status(SUCCESS))), Outcome::Success);
@@ -530,6 +596,9 @@ pub struct BochsRun {
     pub echo: bool,
     /// Working directory (ISO, bochsrc, serial log) under the image directory.
     pub dir_name: String,
+    /// A flat disk image of [`BOCHS_DISK_SECTORS`] sectors attached as
+    /// ata0-slave (Dom0 drives it with PIO when there is no virtio-blk).
+    pub disk: Option<PathBuf>,
 }
 
 impl BochsRun {
@@ -552,7 +621,36 @@ impl BochsRun {
             timeout: Duration::from_secs(300),
             echo: false,
             dir_name: "bochs".into(),
+            disk: None,
         }
+    }
+
+    /// The Bochs configuration (paths relative to the run's directory, but
+    /// the disk's, which is absolute).
+    pub fn bochsrc(&self) -> String {
+        let mut rc = String::from(
+            "megs: 256\n\
+             cpu: model=corei7_skylake_x, count=1, ips=100000000, reset_on_triple_fault=0, ignore_bad_msrs=0\n\
+             clock: sync=none\n\
+             romimage: file=/usr/share/bochs/BIOS-bochs-latest\n\
+             vgaromimage: file=/usr/share/bochs/VGABIOS-lgpl-latest\n\
+             ata0-master: type=cdrom, path=microhv.iso, status=inserted\n",
+        );
+        if let Some(disk) = &self.disk {
+            let abs = std::fs::canonicalize(disk).unwrap_or_else(|_| disk.clone());
+            rc.push_str(&format!(
+                "ata0-slave: type=disk, path={}, mode=flat, cylinders={BOCHS_DISK_CYLINDERS}, heads={BOCHS_DISK_HEADS}, spt={BOCHS_DISK_SPT}\n",
+                abs.display()
+            ));
+        }
+        rc.push_str(
+            "boot: cdrom\n\
+             com1: enabled=1, mode=file, dev=serial.out\n\
+             display_library: term\n\
+             port_e9_hack: enabled=1\n\
+             log: bochs.log\n",
+        );
+        rc
     }
 
     /// Builds the ISO and boots it; the outcome comes from the serial output
@@ -581,20 +679,7 @@ impl BochsRun {
         }
         let serial = dir.join("serial.out");
         let _ = std::fs::remove_file(&serial);
-        std::fs::write(
-            dir.join("bochsrc"),
-            "megs: 256\n\
-             cpu: model=corei7_skylake_x, count=1, ips=100000000, reset_on_triple_fault=0, ignore_bad_msrs=0\n\
-             clock: sync=none\n\
-             romimage: file=/usr/share/bochs/BIOS-bochs-latest\n\
-             vgaromimage: file=/usr/share/bochs/VGABIOS-lgpl-latest\n\
-             ata0-master: type=cdrom, path=microhv.iso, status=inserted\n\
-             boot: cdrom\n\
-             com1: enabled=1, mode=file, dev=serial.out\n\
-             display_library: term\n\
-             port_e9_hack: enabled=1\n\
-             log: bochs.log\n",
-        )?;
+        std::fs::write(dir.join("bochsrc"), self.bochsrc())?;
         std::fs::write(dir.join("cmds"), "c\n")?;
         let start = Instant::now();
         // The term display ignores SIGTERM: `timeout -s KILL` stops it.

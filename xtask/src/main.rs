@@ -50,6 +50,9 @@ enum Cmd {
         release: bool,
         #[arg(long, default_value_t = 300)]
         timeout: u64,
+        /// Start over with a new, zeroed disk image (target/microhv-bochs-disk.img, ata0-slave).
+        #[arg(long)]
+        fresh_disk: bool,
     },
     /// Run every test: host unit tests and the QEMU system tests.
     Test,
@@ -170,13 +173,27 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
-        Cmd::Bochs { release, timeout } => {
+        Cmd::Bochs { release, timeout, fresh_disk } => {
             xtask::ensure_bochs()?;
             let images = build_images(release)?;
             println!("xtask: emulator: Bochs (corei7_skylake_x, VMX available), booting from a GRUB ISO");
             let mut run = xtask::BochsRun::new(&images);
             run.timeout = Duration::from_secs(timeout);
             run.echo = true;
+            let disk = xtask::default_bochs_disk();
+            let geometry = format!(
+                "{} sectors, {}/{}/{} C/H/S",
+                xtask::BOCHS_DISK_SECTORS,
+                xtask::BOCHS_DISK_CYLINDERS,
+                xtask::BOCHS_DISK_HEADS,
+                xtask::BOCHS_DISK_SPT
+            );
+            if xtask::ensure_bochs_disk(&disk, fresh_disk)? {
+                println!("xtask: created disk image {} ({geometry}, zeroed) as ata0-slave", disk.display());
+            } else {
+                println!("xtask: disk image {} ({geometry}) as ata0-slave (kept from earlier runs; --fresh-disk starts over)", disk.display());
+            }
+            run.disk = Some(disk);
             let result = run.run()?;
             println!("xtask: {} ({:.1} s, Bochs)", result.outcome.describe(), result.wall.as_secs_f64());
             Ok(result.outcome.exit_code())

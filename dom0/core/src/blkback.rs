@@ -133,12 +133,27 @@ pub fn process_one(req: &BlkRequest, vd: &VDisk, g: &mut impl GrantIo, disk: &mu
         Err(status) => return response(req.id, req.op, status),
     };
     let mut buf = alloc::vec![0u8; job.bytes()];
-    let ok = match job.op {
-        BLK_OP_WRITE => gather(&job, g, &mut buf).is_ok() && disk.write(job.disk_sector, &buf).is_ok(),
-        BLK_OP_READ => disk.read(job.disk_sector, &mut buf).is_ok() && scatter(&job, g, &buf).is_ok(),
-        _ => disk.flush().is_ok(),
+    response(job.id, job.op, execute(&job, g, disk, &mut buf))
+}
+
+/// Carries out a checked request on a disk that completes at once, with
+/// `buf` (at least `job.bytes()` long) as the bounce buffer; returns the
+/// status to answer with. A write whose data cannot all be copied from the
+/// grants reaches the disk not at all.
+pub fn execute(job: &Job, g: &mut impl GrantIo, disk: &mut impl SyncDisk, buf: &mut [u8]) -> i16 {
+    let ok = match buf.get_mut(..job.bytes()) {
+        None => false,
+        Some(buf) => match job.op {
+            BLK_OP_WRITE => gather(job, g, buf).is_ok() && disk.write(job.disk_sector, buf).is_ok(),
+            BLK_OP_READ => disk.read(job.disk_sector, buf).is_ok() && scatter(job, g, buf).is_ok(),
+            _ => disk.flush().is_ok(),
+        },
     };
-    response(job.id, job.op, if ok { BLK_RSP_OKAY } else { BLK_RSP_ERROR })
+    if ok {
+        BLK_RSP_OKAY
+    } else {
+        BLK_RSP_ERROR
+    }
 }
 
 /// Serves every request on the ring, synchronously; returns how many. A

@@ -7,6 +7,7 @@
 
 extern crate alloc;
 
+pub mod ata;
 pub mod blkback;
 pub mod config;
 pub mod input;

@@ -1,13 +1,21 @@
-//! Dom0's block path: PCI enumeration, the virtio-blk driver (the
-//! `virtio-drivers` crate, interrupt-driven through an event channel), and
-//! the block backend that serves each DomU's virtual disks over a shared
-//! ring. The request checks and data movement are in `dom0_core::blkback`
-//! (host-tested); this file is the wiring to the hardware and hypercalls.
+//! Dom0's block path: PCI enumeration, the real disk, and the block backend
+//! that serves each DomU's virtual disks over a shared ring. The request
+//! checks and data movement are in `dom0_core::blkback` (host-tested); this
+//! file is the wiring to the hardware and hypercalls.
 //!
-//! DMA: microhv has no IOMMU to offer, so Dom0 is trusted with DMA. It takes
-//! machine-contiguous frames below 4 GiB with `dma_populate` and gives the
-//! device their machine addresses. Every buffer the device sees is in that
-//! pool; anything else virtio-drivers shares is bounced through it.
+//! The real disk is one of two devices (`Device`):
+//! * virtio-blk (QEMU): the `virtio-drivers` crate, up to four requests in
+//!   flight, completions on an interrupt through an event channel;
+//! * when there is no virtio-blk device, an ATA disk on the primary
+//!   channel's slave position (Bochs: the boot CD-ROM is the master), driven
+//!   by `dom0_core::ata` with PIO and polling. Its requests complete while
+//!   they are started, so they are answered in the same poll.
+//!
+//! DMA (virtio only): microhv has no IOMMU to offer, so Dom0 is trusted with
+//! DMA. It takes machine-contiguous frames below 4 GiB with `dma_populate`
+//! and gives the device their machine addresses. Every buffer the device sees
+//! is in that pool; anything else virtio-drivers shares is bounced through it.
+//! PIO needs none of this: the data goes through the CPU.
 extern crate alloc;
 use alloc::boxed::Box;
 use alloc::format;
@@ -15,6 +23,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, Ordering};
+use dom0_core::ata::{self, AtaDisk, AtaError, Drive};
 use dom0_core::blkback::{self, GrantIo, Job, VDisk};
 use dom0_core::store::{Perm, Store};
 use microhv_guest::hypercall as hc;
@@ -23,7 +32,7 @@ use microhv_guest::shared_abi::blkif::*;
 use microhv_guest::shared_abi::device::DeviceState;
 use microhv_guest::shared_abi::hypercall::{GrantCopy, MmuUpdate, GRANT_COPY_TO_GRANTED};
 use microhv_guest::shared_abi::ring::BackRing;
-use microhv_guest::{events, println, DomId, Errno, GuestVa};
+use microhv_guest::{events, println, time, DomId, Errno, GuestVa};
 use spin::Mutex;
 use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk};
 use virtio_drivers::transport::pci::bus::{Command, ConfigurationAccess, DeviceFunction, PciRoot};
@@ -75,6 +84,43 @@ impl ConfigurationAccess for PortCam {
     }
     unsafe fn unsafe_clone(&self) -> Self {
         PortCam
+    }
+}
+
+// ---- the ATA channel's ports -------------------------------------------------
+
+/// `dom0_core::ata`'s port access: `in`/`out` on the primary ATA channel,
+/// which microhv opens to Dom0 (0x1f0..=0x1f7 and 0x3f6).
+struct AtaPorts;
+
+impl ata::Ports for AtaPorts {
+    fn read8(&mut self, port: u16) -> u8 {
+        let v: u8;
+        // SAFETY: a port read has no memory effects; the ATA ports are open
+        // to Dom0 in the TSS I/O bitmap (any other port faults).
+        unsafe { core::arch::asm!("in al, dx", in("dx") port, out("al") v, options(nostack, nomem, preserves_flags)) };
+        v
+    }
+    fn write8(&mut self, port: u16, value: u8) {
+        // SAFETY: as in `read8`.
+        unsafe { core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nostack, nomem, preserves_flags)) };
+    }
+    fn read_sector(&mut self, port: u16, buf: &mut [u8]) {
+        // SAFETY: `rep insw` stores exactly buf.len() / 2 words at buf's
+        // start, inside the exclusive borrow; DF is clear (Rust ABI).
+        unsafe {
+            core::arch::asm!("rep insw", in("dx") port, inout("rdi") buf.as_mut_ptr() => _, inout("rcx") buf.len() / 2 => _, options(nostack, preserves_flags))
+        };
+    }
+    fn write_sector(&mut self, port: u16, buf: &[u8]) {
+        // SAFETY: `rep outsw` only reads buf.len() / 2 words from buf; DF is
+        // clear (Rust ABI).
+        unsafe {
+            core::arch::asm!("rep outsw", in("dx") port, inout("rsi") buf.as_ptr() => _, inout("rcx") buf.len() / 2 => _, options(nostack, readonly, preserves_flags))
+        };
+    }
+    fn now_ns(&mut self) -> u64 {
+        time::now_ns()
     }
 }
 
@@ -307,21 +353,39 @@ struct InFlight {
     resp: Box<BlkResp>,
 }
 
-/// The real disk and every virtual disk carved out of it.
-pub struct Block {
+/// The virtio-blk device and its requests in flight.
+struct Virtio {
     dev: VirtIOBlk<DomHal, PciTransport>,
-    capacity: u64,
     irq: u32,
     irq_seen: u64,
-    vbds: Vec<Vbd>,
+    irqs: u64,
     bufs: Vec<(u64, u64)>,
     inflight: Vec<Option<InFlight>>,
+}
+
+/// The ATA disk and the buffer its requests go through.
+struct Ata {
+    disk: AtaDisk<AtaPorts>,
+    buf: Vec<u8>,
+}
+
+/// The real disk.
+enum Device {
+    Virtio(Box<Virtio>),
+    Ata(Ata),
+}
+
+/// The real disk and every virtual disk carved out of it.
+pub struct Block {
+    dev: Device,
+    capacity: u64,
+    vbds: Vec<Vbd>,
     ring_slots: Vec<u64>,
-    irqs: u64,
 }
 
 /// Enumerates PCI bus 0, prints what it finds, and brings up the first
-/// virtio-blk device. `slots`: [`SLOTS`] free virtual pages.
+/// virtio-blk device, or else the ATA disk at ata0-slave. `slots`: [`SLOTS`]
+/// free virtual pages.
 pub fn probe(slots: &[u64]) -> Option<Block> {
     let mut root = PciRoot::new(PortCam);
     let mut found = None;
@@ -339,17 +403,48 @@ pub fn probe(slots: &[u64]) -> Option<Block> {
             found = Some(df);
         }
     }
-    let Some(df) = found else {
-        println!("block: no virtio-blk device; virtual disks are not offered");
-        return None;
+    let dev = match found {
+        Some(df) => Device::Virtio(Box::new(probe_virtio(&mut root, df, slots)?)),
+        None => Device::Ata(probe_ata()?),
     };
+    let capacity = match &dev {
+        Device::Virtio(v) => v.dev.capacity(),
+        Device::Ata(a) => a.disk.sectors(),
+    };
+    Some(Block { dev, capacity, vbds: Vec::new(), ring_slots: Vec::new() })
+}
+
+/// The ATA disk at the primary channel's slave position, polled.
+fn probe_ata() -> Option<Ata> {
+    let disk = match AtaDisk::probe(AtaPorts, ata::PRIMARY_IO, ata::PRIMARY_CONTROL, Drive::Slave, ata::DEFAULT_TIMEOUT_NS, ata::DEFAULT_MAX_POLLS) {
+        Ok(d) => d,
+        Err(e) => {
+            let why = match e {
+                AtaError::NoDevice => String::from("no ATA disk on ata0-slave"),
+                e => format!("ata0-slave: {e}"),
+            };
+            println!("block: no virtio-blk device, {why}; virtual disks are not offered");
+            return None;
+        }
+    };
+    let sectors = disk.sectors();
+    println!(
+        "block: ATA disk on ata0-slave: {sectors} sectors ({} MiB), PIO, polled; model \"{}\"",
+        sectors / 2048,
+        disk.identity().model()
+    );
+    Some(Ata { disk, buf: alloc::vec![0u8; REQ_BUF] })
+}
+
+/// Brings up the virtio-blk device at `df`.
+fn probe_virtio(root: &mut PciRoot<PortCam>, df: DeviceFunction, slots: &[u64]) -> Option<Virtio> {
     if let Err(e) = init_memory(&slots[..SLOTS as usize]) {
         println!("block: cannot set up the DMA pool: {e}");
         return None;
     }
     root.set_command(df, Command::IO_SPACE | Command::MEMORY_SPACE | Command::BUS_MASTER);
     let irq = PortCam.read_word(df, 0x3c) & 0xff;
-    let transport = match PciTransport::new::<DomHal, PortCam>(&mut root, df) {
+    let transport = match PciTransport::new::<DomHal, PortCam>(root, df) {
         Ok(t) => t,
         Err(e) => {
             println!("block: virtio transport: {e:?}");
@@ -384,17 +479,7 @@ pub fn probe(slots: &[u64]) -> Option<Block> {
         "block: virtio-blk at {:02x}:{:02x}.{}: {} sectors ({} MiB){}, interrupt line {irq} -> event channel {port}, DMA pool {} KiB",
         df.bus, df.device, df.function, capacity, capacity / 2048, if dev.readonly() { ", read-only" } else { "" }, POOL_PAGES * 4
     );
-    Some(Block {
-        dev,
-        capacity,
-        irq,
-        irq_seen: 0,
-        vbds: Vec::new(),
-        bufs,
-        inflight: (0..MAX_INFLIGHT).map(|_| None).collect(),
-        ring_slots: Vec::new(),
-        irqs: 0,
-    })
+    Some(Virtio { dev, irq, irq_seen: 0, irqs: 0, bufs, inflight: (0..MAX_INFLIGHT).map(|_| None).collect() })
 }
 
 impl Block {
@@ -461,8 +546,9 @@ impl Block {
     fn close(&mut self, i: usize, why: &str) {
         let v = &mut self.vbds[i];
         if v.conn == Conn::Connected {
-            // SAFETY: (both) no pointers beyond our own slot address.
+            // SAFETY: no pointers beyond our own slot address.
             let _ = unsafe { hc::grant_unmap(DomId(v.domid), v.gref, GuestVa(v.slot)) };
+            // SAFETY: no pointer arguments.
             let _ = unsafe { hc::evtchn_close(u64::from(v.port)) };
             self.ring_slots.push(v.slot);
         }
@@ -550,15 +636,27 @@ impl Block {
     /// Starts `job` on the device, or answers it at once.
     fn start(&mut self, i: usize, job: Job) {
         let domid = self.vbds[i].domid;
+        let v = match &mut self.dev {
+            Device::Virtio(v) => v,
+            Device::Ata(a) => {
+                // PIO completes here and now.
+                let status = blkback::execute(&job, &mut Grants(domid), &mut a.disk, &mut a.buf);
+                if status == BLK_RSP_OKAY {
+                    self.vbds[i].bytes += job.bytes() as u64;
+                }
+                self.respond(i, job.id, job.op, status);
+                return;
+            }
+        };
         if job.op == BLK_OP_FLUSH {
-            let ok = self.dev.flush().is_ok();
+            let ok = v.dev.flush().is_ok();
             self.respond(i, job.id, job.op, if ok { BLK_RSP_OKAY } else { BLK_RSP_ERROR });
             return;
         }
-        let Some(k) = self.inflight.iter().position(|s| s.is_none()) else {
+        let Some(k) = v.inflight.iter().position(|s| s.is_none()) else {
             unreachable!("start called with every in-flight slot busy")
         };
-        let (_, va) = self.bufs[k];
+        let (_, va) = v.bufs[k];
         // SAFETY: buffer k of the pool is ours and unused while slot k is free.
         let buf = unsafe { core::slice::from_raw_parts_mut(va as *mut u8, job.bytes()) };
         if job.op == BLK_OP_WRITE && blkback::gather(&job, &mut Grants(domid), buf).is_err() {
@@ -571,35 +669,38 @@ impl Block {
         // until the completion below takes them back.
         let r = unsafe {
             if job.op == BLK_OP_READ {
-                self.dev.read_blocks_nb(job.disk_sector as usize, &mut req, buf, &mut resp)
+                v.dev.read_blocks_nb(job.disk_sector as usize, &mut req, buf, &mut resp)
             } else {
-                self.dev.write_blocks_nb(job.disk_sector as usize, &mut req, buf, &mut resp)
+                v.dev.write_blocks_nb(job.disk_sector as usize, &mut req, buf, &mut resp)
             }
         };
         match r {
-            Ok(token) => self.inflight[k] = Some(InFlight { token, vbd: i, job, req, resp }),
+            Ok(token) => v.inflight[k] = Some(InFlight { token, vbd: i, job, req, resp }),
             Err(_) => self.respond(i, job.id, job.op, BLK_RSP_ERROR),
         }
     }
 
+    /// Answers the virtio requests the device has completed.
     fn complete(&mut self) -> bool {
         let mut any = false;
-        while let Some(token) = self.dev.peek_used() {
-            let Some(k) = self.inflight.iter().position(|s| s.as_ref().is_some_and(|f| f.token == token)) else {
+        loop {
+            let Device::Virtio(v) = &mut self.dev else { return any };
+            let Some(token) = v.dev.peek_used() else { return any };
+            let Some(k) = v.inflight.iter().position(|s| s.as_ref().is_some_and(|f| f.token == token)) else {
                 println!("block: the device completed unknown token {token}");
                 return any;
             };
             any = true;
-            let mut f = self.inflight[k].take().expect("found above");
-            let (_, va) = self.bufs[k];
+            let mut f = v.inflight[k].take().expect("found above");
+            let (_, va) = v.bufs[k];
             // SAFETY: as in `start`; the request is done with the buffer.
             let buf = unsafe { core::slice::from_raw_parts_mut(va as *mut u8, f.job.bytes()) };
             // SAFETY: the same req/buf/resp as passed to the *_nb call.
             let r = unsafe {
                 if f.job.op == BLK_OP_READ {
-                    self.dev.complete_read_blocks(token, &f.req, buf, &mut f.resp)
+                    v.dev.complete_read_blocks(token, &f.req, buf, &mut f.resp)
                 } else {
-                    self.dev.complete_write_blocks(token, &f.req, buf, &mut f.resp)
+                    v.dev.complete_write_blocks(token, &f.req, buf, &mut f.resp)
                 }
             };
             let i = f.vbd;
@@ -614,23 +715,43 @@ impl Block {
             self.respond(i, f.job.id, f.job.op, if ok { BLK_RSP_OKAY } else { BLK_RSP_ERROR });
             self.notify(i);
         }
-        any
+    }
+
+    /// Nothing on the device (a flush may start).
+    fn idle(&self) -> bool {
+        match &self.dev {
+            Device::Virtio(v) => v.inflight.iter().all(|s| s.is_none()),
+            Device::Ata(_) => true,
+        }
+    }
+
+    /// No room on the device for another request.
+    fn full(&self) -> bool {
+        match &self.dev {
+            Device::Virtio(v) => v.inflight.iter().all(|s| s.is_some()),
+            Device::Ata(_) => false,
+        }
     }
 
     /// Does all the work there is: connects frontends, completes device
     /// requests, takes new requests. Call it whenever an event arrived.
     pub fn poll(&mut self, store: &mut Store) {
-        let irqs = IRQ_EVENTS.load(Ordering::SeqCst);
-        let irq_fired = irqs != self.irq_seen;
-        if irq_fired {
-            self.irq_seen = irqs;
-            self.irqs += 1;
-            self.dev.ack_interrupt();
+        // The virtio device's interrupt: acknowledge it, take the
+        // completions, then let the line fire again.
+        let mut fired_line = None;
+        if let Device::Virtio(v) = &mut self.dev {
+            let irqs = IRQ_EVENTS.load(Ordering::SeqCst);
+            if irqs != v.irq_seen {
+                v.irq_seen = irqs;
+                v.irqs += 1;
+                v.dev.ack_interrupt();
+                fired_line = Some(v.irq);
+            }
         }
         self.complete();
-        if irq_fired {
+        if let Some(line) = fired_line {
             // SAFETY: no pointer arguments.
-            let _ = unsafe { hc::irq_eoi(u64::from(self.irq)) };
+            let _ = unsafe { hc::irq_eoi(u64::from(line)) };
         }
         for i in 0..self.vbds.len() {
             match self.vbds[i].conn {
@@ -656,7 +777,7 @@ impl Block {
                 if self.vbds[i].conn != Conn::Connected {
                     continue;
                 }
-                let idle = self.inflight.iter().all(|s| s.is_none());
+                let idle = self.idle();
                 if let Some(job) = self.vbds[i].held_flush.take() {
                     if idle {
                         self.start(i, job);
@@ -667,7 +788,7 @@ impl Block {
                     }
                     continue;
                 }
-                if self.inflight.iter().all(|s| s.is_some()) {
+                if self.full() {
                     break;
                 }
                 let v = &mut self.vbds[i];
@@ -711,12 +832,21 @@ impl Block {
     }
 
     fn busy(&self, i: usize) -> bool {
-        self.vbds[i].held_flush.is_some() || self.inflight.iter().flatten().any(|f| f.vbd == i)
+        self.vbds[i].held_flush.is_some()
+            || match &self.dev {
+                Device::Virtio(v) => v.inflight.iter().flatten().any(|f| f.vbd == i),
+                Device::Ata(_) => false,
+            }
     }
 
     /// One line of totals, for the end of the run.
     pub fn summary(&self) -> String {
         let (r, b, e) = self.vbds.iter().fold((0, 0, 0), |a, v| (a.0 + v.requests, a.1 + v.bytes, a.2 + v.errors));
-        format!("block: served {r} requests, {} KiB, {e} errors, {} device interrupts", b / 1024, self.irqs)
+        match &self.dev {
+            Device::Virtio(v) => format!("block: served {r} requests, {} KiB, {e} errors, {} device interrupts", b / 1024, v.irqs),
+            Device::Ata(a) => {
+                format!("block: served {r} requests, {} KiB, {e} errors, ATA PIO polled, {} channel resets", b / 1024, a.disk.resets)
+            }
+        }
     }
 }

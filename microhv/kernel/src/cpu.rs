@@ -220,21 +220,47 @@ pub fn init(use_alias: bool) {
 pub const COM1_PORTS: core::ops::RangeInclusive<u16> = 0x3f8..=0x3ff;
 /// PCI configuration mechanism #1 (address 0xcf8, data 0xcfc..=0xcff).
 pub const PCI_CONFIG_PORTS: core::ops::RangeInclusive<u16> = 0xcf8..=0xcff;
+/// The primary ATA channel's command block (Dom0's disk when there is no
+/// virtio-blk device, as in Bochs).
+pub const ATA_PRIMARY_PORTS: core::ops::RangeInclusive<u16> = 0x1f0..=0x1f7;
+/// The primary ATA channel's device control / alternate status register.
+/// Its bitmap byte also covers 0x3f0..=0x3f5 and 0x3f7 (the floppy
+/// controller), which stay closed: only this port's bit is opened.
+pub const ATA_PRIMARY_CONTROL: u16 = 0x3f6;
 
 /// Opens (or closes) the ports Dom0 owns in the TSS I/O bitmap for the guest
-/// about to run: COM1 and PCI configuration space, for Dom0 only. IOPL stays
-/// 0, so every other port still faults.
+/// about to run: COM1, PCI configuration space and the primary ATA channel,
+/// for Dom0 only. IOPL stays 0, so every other port still faults.
 pub fn set_guest_port_access(allow: bool) {
     // SAFETY: the TSS is written through its identity mapping while no guest
     // runs (we are on the way out to one, interrupts off, single CPU).
     unsafe {
         let tss = &mut *core::ptr::addr_of_mut!(TSS);
         // Each range is exactly one bitmap byte; a clear bit allows the port.
-        for ports in [COM1_PORTS, PCI_CONFIG_PORTS] {
+        for ports in [COM1_PORTS, PCI_CONFIG_PORTS, ATA_PRIMARY_PORTS] {
             tss.io_bitmap[(*ports.start() / 8) as usize] = if allow { 0x00 } else { 0xff };
+        }
+        let (byte, bit) = ((ATA_PRIMARY_CONTROL / 8) as usize, 1u8 << (ATA_PRIMARY_CONTROL % 8));
+        if allow {
+            tss.io_bitmap[byte] &= !bit;
+        } else {
+            tss.io_bitmap[byte] |= bit;
         }
     }
 }
+
+// Every range above must fill exactly one bitmap byte, or the loop above
+// would open ports next to it.
+const _: () = {
+    let ranges = [COM1_PORTS, PCI_CONFIG_PORTS, ATA_PRIMARY_PORTS];
+    let mut i = 0;
+    while i < ranges.len() {
+        assert!(*ranges[i].start() & 7 == 0 && *ranges[i].end() == *ranges[i].start() + 7);
+        i += 1;
+    }
+    // The control port's byte is none of theirs.
+    assert!(ATA_PRIMARY_CONTROL / 8 != *COM1_PORTS.start() / 8);
+};
 
 /// A VM exit leaves TR's limit at 0x67 (which cuts off the I/O bitmap) and
 /// the GDTR/IDTR limits at 0xffff (SDM vol. 3, "Loading Host Segment and
