@@ -66,6 +66,8 @@ pub mod disk {
     /// Where the default configurations put each DomU's virtual disk.
     pub const DOMU1_START: usize = 2048;
     pub const DOMU2_START: usize = 32768;
+    /// The hybrid guest hvm3's virtual disk in the Bochs demo (hvm3.toml).
+    pub const HVM3_START: usize = 53248;
 
     /// Checks the demo's header and data for `name`'s run `run` at `start`.
     pub fn assert_demo_region(img: &[u8], start: usize, name: &str, run: u64) {

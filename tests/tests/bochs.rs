@@ -5,7 +5,7 @@
 //! HVM guests next to normal domains. The PV DomUs' disks are regions of an
 //! ATA disk (ata0-slave) that Dom0 drives with PIO: Bochs has no virtio.
 
-use microhv_tests::disk::{assert_demo_region, assert_zero_outside, demo_end, DOMU1_START, DOMU2_START};
+use microhv_tests::disk::{assert_demo_region, assert_zero_outside, demo_end, DOMU1_START, DOMU2_START, HVM3_START};
 use microhv_tests::{assert_contains, assert_frames_returned, without_log_lines};
 use std::sync::Mutex;
 use xtask::{images_for_tests, BochsRun, Outcome};
@@ -111,8 +111,18 @@ fn grub_boots_the_pv_demo_and_hvm_domus_in_bochs() {
             "32 requests of 32 KiB, 4 in flight",
             "[dom0] block: domu1/xvda: disconnected (frontend closed)",
             "[dom0] block: domu2/xvda: disconnected (frontend closed)",
+            // The hybrid guest hvm3: the same disk demo through the same
+            // blkfront, over VMCALL and injected event vectors.
+            "[dom0] block: hvm3: virtual disk xvda = sectors 53248..61440 of the real disk",
+            "[dom0] block: hvm3/xvda: connected",
+            "[hvm3] split drivers through VMCALL: store ring at gfn 0x801, port 2, heap 2048 KiB",
+            "[hvm3] disk: 8192 sectors; no earlier run of hvm3 on it (a fresh disk)",
+            "[hvm3] disk: read past the end of the disk -> EIO (as expected)",
+            "[hvm3] disk: run 1: wrote 1024 KiB in ",
+            "[hvm3] disk: disconnected",
+            "[dom0] block: hvm3/xvda: disconnected (frontend closed)",
             // The past-the-end reads are the only errors; no channel resets.
-            "[dom0] block: served 74 requests, 2064 KiB, 2 errors, ATA PIO polled, 0 channel resets",
+            "[dom0] block: served 111 requests, 3096 KiB, 3 errors, ATA PIO polled, 0 channel resets",
         ],
     );
     assert!(!text.contains("disk: FAILED") && !text.contains("DIFFER"), "{out}");
@@ -122,7 +132,11 @@ fn grub_boots_the_pv_demo_and_hvm_domus_in_bochs() {
     assert_eq!(img.len(), 64512 * 512);
     assert_demo_region(&img, DOMU1_START, "domu1", 1);
     assert_demo_region(&img, DOMU2_START, "domu2", 1);
-    assert_zero_outside(&img, &[(DOMU1_START, demo_end(DOMU1_START)), (DOMU2_START, demo_end(DOMU2_START))]);
+    assert_demo_region(&img, HVM3_START, "hvm3", 1);
+    assert_zero_outside(
+        &img,
+        &[(DOMU1_START, demo_end(DOMU1_START)), (DOMU2_START, demo_end(DOMU2_START)), (HVM3_START, demo_end(HVM3_START))],
+    );
     // The three sleeps of each HVM guest, in the same words as the PV DomUs'.
     assert_eq!(text.matches("[hvm1] sleep ").count(), 3, "{out}");
     // hvm2 and hvm3 (both hybrid).
