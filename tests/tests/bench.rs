@@ -92,6 +92,13 @@ fn hvm_counters_count_vmcalls_and_exits_in_bochs() {
         let pp = get("event_pingpong", flavour);
         assert_eq!((pp.ops, ev(pp, "upcalls")), (200, 200), "{flavour} event_pingpong");
     }
+    // Block reads from both flavours through the same blkfront and Dom0's
+    // ATA disk: one request, one response event, per 4 KiB read.
+    for flavour in ["PV", "PVHVM"] {
+        let blk = get("block_read_4k", flavour);
+        assert_eq!(blk.ops, 200, "{flavour} block_read_4k");
+        assert!(ev(blk, "upcalls") >= blk.ops, "{flavour}: an event per response");
+    }
     // The hybrid's console is one VMCALL per KiB.
     let con = get("console_1kib", "PVHVM");
     assert_eq!(ev(con, "hypercalls"), con.ops);

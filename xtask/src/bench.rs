@@ -541,6 +541,9 @@ pub fn run_bochs(images: &crate::Images, quick: bool) -> Result<Vec<Bench>> {
     ];
     run.cmdline = std::env::var("MICROHV_BENCH_CMDLINE").unwrap_or_else(|_| "loglevel=warn".into());
     run.dir_name = "bochs-bench".into();
+    let disk = crate::project_root().join("target").join("bench").join("bochs-disk.img");
+    crate::ensure_bochs_disk(&disk, true)?;
+    run.disk = Some(disk);
     run.timeout = std::time::Duration::from_secs(1200);
     let r = run.run()?;
     if r.outcome != crate::Outcome::Success {
