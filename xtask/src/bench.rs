@@ -299,7 +299,7 @@ pub fn report_md(r: &Report) -> String {
         let _ = writeln!(s, "Scale: 64 DomUs (63 spinners and the benchmark guest) ran at once in 512 MiB of machine memory for the 64-domain scheduler run.\n");
     }
     let _ = writeln!(s, "## Results\n");
-    let _ = writeln!(s, "| benchmark | flavour | where | median | p5 | p95 | p99 | hypercalls/op | entries/op | exceptions/op | upcalls/op | CR3 loads/op | microhv instr/op |");
+    let _ = writeln!(s, "| benchmark | flavour | where | median | p5 | p95 | p99 | hypercalls/op | entries/op | exceptions/op | upcalls/op | CR3 loads/op | in microhv/op (same unit as the median) |");
     let _ = writeln!(s, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for b in &r.benches {
         let st = b.stats.unwrap_or(Stats { n: 0, min: 0, p5: 0, median: 0, p95: 0, p99: 0, max: 0 });

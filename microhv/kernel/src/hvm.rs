@@ -1147,6 +1147,20 @@ fn prepare_entry(h: &mut HvmDomain, now: u64, slice_end: u64) -> Option<u8> {
 /// Runs HVM vCPU `idx` until something needs the scheduler: returns true
 /// when the scheduler must pick again (slice over, vCPU blocked or ended).
 pub fn run(hv: &mut Hv, idx: usize) -> bool {
+    let resched = run_once(hv, idx);
+    // The domain's time in microhv runs from its exit to its next entry,
+    // unless another domain runs in between: stop the clock here, so that
+    // `hv_ns` never counts other domains' time.
+    if resched {
+        let d = &mut hv.domains[idx];
+        if let Some(t) = d.hvm.as_mut().and_then(|h| h.last_exit_ns.take()) {
+            d.counters.hv_ns += time::nanos_since_boot().saturating_sub(t);
+        }
+    }
+    resched
+}
+
+fn run_once(hv: &mut Hv, idx: usize) -> bool {
     let now = time::nanos_since_boot();
     let slice_end = hv.slice_end;
     let name = hv.domains[idx].name.clone();
