@@ -65,6 +65,11 @@ enum Cmd {
         /// Only the Bochs run (PV, HVM and PVHVM side by side).
         #[arg(long)]
         bochs_only: bool,
+        /// Force the accelerator of the QEMU (PV) part: `kvm` measures in
+        /// real time, `tcg` counts instructions with -icount (default: KVM
+        /// only with hardware virtualization, else TCG).
+        #[arg(long, value_enum)]
+        accel: Option<Accel>,
     },
     /// Generate docs/abi.md from shared-abi.
     DocAbi {
@@ -123,12 +128,15 @@ fn run(cli: Cli) -> Result<i32> {
             println!("xtask: {} ({:.1} s, accelerator {})", result.outcome.describe(), result.wall.as_secs_f64(), accel.name());
             Ok(result.outcome.exit_code())
         }
-        Cmd::Bench { quick, bochs_only } => {
+        Cmd::Bench { quick, bochs_only, accel } => {
             ensure_qemu()?;
             let images = build_images(true)?;
             // The same command on a machine with hardware virtualization
             // measures PV under KVM in real time (cycle-level figures).
-            let (accel, why) = detect_accel();
+            let (accel, why) = match accel {
+                Some(a) => (a, "forced with --accel"),
+                None => detect_accel(),
+            };
             match accel {
                 Accel::Kvm => println!("xtask: bench: PV flavour under QEMU with KVM ({why}): real-time figures"),
                 _ => println!("xtask: bench: PV flavour under QEMU TCG with -icount ({why}): figures are instruction counts, exact and repeatable"),
