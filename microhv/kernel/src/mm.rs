@@ -26,9 +26,13 @@ extern "C" {
     static __image_end: u8;
 }
 
-/// Bitmap words: one bit per frame up to 16 GiB of physical address space.
-const BITMAP_WORDS: usize = (16usize << 30) / 4096 / 64;
-static mut FRAME_BITMAP: [u64; BITMAP_WORDS] = [0; BITMAP_WORDS];
+/// The most physical address space the frame allocator manages; RAM above
+/// is ignored (and reported). The bitmap itself (one bit per frame up to
+/// the top of RAM, 32 KiB per GiB) is carved out of free RAM at boot, so the
+/// image does not carry it.
+const MANAGED_LIMIT: u64 = 64 << 30;
+/// The boot page tables identity-map this much; the bitmap must lie below.
+const BOOT_IDENTITY_LIMIT: u64 = 4 << 30;
 
 pub static FRAMES: Mutex<Option<FrameAllocator<'static>>> = Mutex::new(None);
 
@@ -111,9 +115,25 @@ pub fn build_allocator(map: &MemoryMap, modules: &RangeSet<{ microhv_core::multi
         free.remove(Range::new(m.start & !(PAGE_SIZE - 1), m.end.next_multiple_of(PAGE_SIZE))).map_err(|_| err)?;
     }
     *MODULES.lock() = modules.clone();
-    // SAFETY: called once during boot; nothing else refers to the bitmap.
-    let bits = unsafe { &mut *core::ptr::addr_of_mut!(FRAME_BITMAP) };
+    // The bitmap: sized to the top of RAM, in the first free range below
+    // the boot identity map that holds it, and never handed out.
+    let top = free.iter().map(|r| r.end).max().unwrap_or(0).min(MANAGED_LIMIT);
+    let words = top.div_ceil(PAGE_SIZE).div_ceil(64).max(1) as usize;
+    let span = (words as u64 * 8).next_multiple_of(PAGE_SIZE);
+    let at = free
+        .iter()
+        .map(|r| (r.start.next_multiple_of(PAGE_SIZE), r.end))
+        .find(|&(start, end)| start + span <= end.min(BOOT_IDENTITY_LIMIT))
+        .map(|(start, _)| start)
+        .ok_or("no free memory below 4 GiB for the frame bitmap")?;
+    free.remove(Range::new(at, at + span)).map_err(|_| err)?;
+    // SAFETY: [at, at + span) is usable RAM below 4 GiB (identity-mapped
+    // read-write by the boot tables, and later by microhv's own direct map),
+    // page-aligned, outside the image and the modules, and now removed from
+    // the free frames: nothing else will ever refer to it. Called once.
+    let bits = unsafe { core::slice::from_raw_parts_mut(at as *mut u64, words) };
     *FRAMES.lock() = Some(FrameAllocator::new(bits, &free));
+    log::info!("memory: frame bitmap at {:#x}, {} KiB for {} MiB of physical address space", at, span / 1024, top >> 20);
     Ok(())
 }
 
