@@ -121,6 +121,25 @@ pub struct Hv {
     /// `current` (None while idle): before it, no timer, wake-up or slice
     /// end can be due. See `fast_return`.
     pub armed_deadline: Option<u64>,
+    /// (deadline, domain index) of every armed one-shot timer, earliest
+    /// first: firing and finding the next costs O(log n), not a walk over
+    /// every domain. Kept in step with `Vcpu::timer_deadline` by [`set_timer`].
+    pub timers: alloc::collections::BTreeSet<(u64, usize)>,
+}
+
+/// Arms (or, with `None`, cancels) the one-shot timer of domain `idx`.
+pub fn set_timer(hv: &mut Hv, idx: usize, deadline: Option<u64>) {
+    let d = &mut hv.domains[idx];
+    if d.vcpu.timer_deadline == deadline {
+        return;
+    }
+    if let Some(old) = d.vcpu.timer_deadline {
+        hv.timers.remove(&(old, idx));
+    }
+    d.vcpu.timer_deadline = deadline;
+    if let Some(t) = deadline {
+        hv.timers.insert((t, idx));
+    }
 }
 
 pub static HV: Mutex<Option<Hv>> = Mutex::new(None);
@@ -517,6 +536,7 @@ pub fn start(modules: &[(&'static [u8], String)], hv_l4_entry: u64, device_frame
         irq_count: 0,
         entered: None,
         armed_deadline: None,
+        timers: alloc::collections::BTreeSet::new(),
     };
     let mut failed = 0;
     let free_at_start = mm::free_frames();
@@ -854,6 +874,7 @@ pub fn end(hv: &mut Hv, idx: usize, reason: EndReason) {
         return;
     }
     flush_console(&mut hv.domains[idx]);
+    set_timer(hv, idx, None);
     if let Some(h) = hv.domains[idx].hvm.take() {
         crate::hvm::destroy(&mut hv.domains[idx], h);
     }
@@ -925,28 +946,27 @@ pub fn console_write(d: &mut Domain, bytes: &[u8]) {
 
 /// Fires expired one-shot timers.
 fn fire_timers(hv: &mut Hv, now: u64) {
-    for i in 0..hv.domains.len() {
-        let d = &mut hv.domains[i];
+    while let Some(&(t, i)) = hv.timers.first() {
+        if t > now {
+            break;
+        }
+        set_timer(hv, i, None);
+        let d = &hv.domains[i];
         if d.ended.is_some() {
             continue;
         }
-        if let Some(t) = d.vcpu.timer_deadline {
-            if t <= now {
-                d.vcpu.timer_deadline = None;
-                log::debug!("timer of {} fired {} us late", d.name, (now - t) / 1000);
-                if d.hvm.is_some() {
-                    // HVM: wake it; its next entry sorts out which timer fired.
-                    hv.sched.wake(VcpuId(i));
-                } else {
-                    send_virq(hv, i, shared_abi::hypercall::VIRQ_TIMER);
-                }
-            }
+        log::debug!("timer of {} fired {} us late", d.name, (now - t) / 1000);
+        if d.hvm.is_some() {
+            // HVM: wake it; its next entry sorts out which timer fired.
+            hv.sched.wake(VcpuId(i));
+        } else {
+            send_virq(hv, i, shared_abi::hypercall::VIRQ_TIMER);
         }
     }
 }
 
 fn earliest_timer(hv: &Hv) -> Option<u64> {
-    hv.domains.iter().filter(|d| d.ended.is_none()).filter_map(|d| d.vcpu.timer_deadline).min()
+    hv.timers.first().map(|&(t, _)| t)
 }
 
 /// Picks what runs next and loads it into `frame`; idles (halting) while
@@ -1105,6 +1125,8 @@ fn finish() -> ! {
     let free = mm::free_frames();
     let at_start = FREE_AT_START.load(core::sync::atomic::Ordering::Relaxed);
     println!("microhv: memory: {free} frames free now, {at_start} before the domains were built");
+    let (used, size) = crate::stackwatch::high_water();
+    log::info!("stack: microhv's stack went {} KiB deep (of {} KiB)", used.div_ceil(1024), size / 1024);
     if free != at_start {
         log::error!("{} frames were not returned", at_start.abs_diff(free));
         clean = false;

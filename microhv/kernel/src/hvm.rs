@@ -1037,7 +1037,7 @@ fn vmcall(hv: &mut Hv, idx: usize) -> bool {
         }
     }
     let mirror = hv.domains[idx].hvm.as_ref().and_then(|h| [h.platform.lapic.deadline(), h.pv_timer].into_iter().flatten().min());
-    hv.domains[idx].vcpu.timer_deadline = mirror;
+    domain::set_timer(hv, idx, mirror);
     let (ret, resched) = match out {
         Outcome::Ret(v) => (v, false),
         Outcome::Reschedule(v) => (v, true),
@@ -1220,8 +1220,7 @@ fn run_once(hv: &mut Hv, idx: usize) -> bool {
     let out = core::mem::take(&mut h.platform.output);
     let notes = core::mem::take(&mut h.platform.notes);
     let deadline = [h.platform.lapic.deadline(), h.pv_timer].into_iter().flatten().min();
-    let d = &mut hv.domains[idx];
-    d.vcpu.timer_deadline = deadline;
+    domain::set_timer(hv, idx, deadline);
     for n in notes {
         log::warn!("{name}: {n}");
     }

@@ -155,7 +155,7 @@ pub(crate) fn dispatch(hv: &mut Hv, cur: usize, call: Call) -> Outcome {
             Reschedule(Ok(0))
         }
         Call::SetTimer { deadline_ns } => {
-            hv.domains[cur].vcpu.timer_deadline = (deadline_ns != 0).then_some(deadline_ns);
+            crate::domain::set_timer(hv, cur, (deadline_ns != 0).then_some(deadline_ns));
             Ret(Ok(0))
         }
         Call::MemoryPopulate { frames, count } => Ret(populate(hv, cur, frames, count)),

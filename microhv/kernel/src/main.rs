@@ -35,6 +35,8 @@ mod power;
 #[cfg(target_os = "none")]
 mod selfcheck;
 #[cfg(target_os = "none")]
+mod stackwatch;
+#[cfg(target_os = "none")]
 mod time;
 #[cfg(target_os = "none")]
 mod trap;
@@ -82,6 +84,7 @@ mod start {
 
     #[no_mangle]
     extern "C" fn kernel_main(magic: u32, mbi: u32) -> ! {
+        crate::stackwatch::paint();
         console::init();
         time::mark_boot();
         println!();
