@@ -32,7 +32,7 @@
 //! are kept in order), so a domain switch costs the same with 2 or 64
 //! runnable domains.
 
-use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
+use alloc::collections::{BTreeSet, VecDeque};
 use alloc::vec::Vec;
 
 /// A vCPU, named by the caller (e.g. an index into its vCPU table).
@@ -94,11 +94,35 @@ struct Entry {
     remaining: Option<u64>,
 }
 
+/// The vCPU entries, indexed by `VcpuId` (callers use small dense ids,
+/// such as an index into their vCPU table): O(1) lookups.
+#[derive(Debug, Default)]
+struct Table(Vec<Option<Entry>>);
+
+impl Table {
+    fn get(&self, v: &VcpuId) -> Option<&Entry> {
+        self.0.get(v.0).and_then(Option::as_ref)
+    }
+    fn get_mut(&mut self, v: &VcpuId) -> Option<&mut Entry> {
+        self.0.get_mut(v.0).and_then(Option::as_mut)
+    }
+    fn insert(&mut self, v: VcpuId, e: Entry) {
+        if self.0.len() <= v.0 {
+            self.0.resize(v.0 + 1, None);
+        }
+        self.0[v.0] = Some(e);
+    }
+    #[cfg(test)]
+    fn iter(&self) -> impl Iterator<Item = (VcpuId, &Entry)> {
+        self.0.iter().enumerate().filter_map(|(i, e)| e.as_ref().map(|e| (VcpuId(i), e)))
+    }
+}
+
 /// The weighted round-robin scheduler for one physical CPU.
 #[derive(Debug, Default)]
 pub struct Scheduler {
     /// Every vCPU ever added (dead ones keep their CPU time).
-    vcpus: BTreeMap<VcpuId, Entry>,
+    vcpus: Table,
     /// The runnable vCPUs in turn order; the front runs next.
     queue: VecDeque<VcpuId>,
     /// (wake_at, vCPU) of every blocked vCPU with a deadline, earliest first.
@@ -107,7 +131,7 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new() -> Self {
-        Scheduler { vcpus: BTreeMap::new(), queue: VecDeque::new(), timers: BTreeSet::new() }
+        Scheduler { vcpus: Table::default(), queue: VecDeque::new(), timers: BTreeSet::new() }
     }
 
     /// Adds `v` as runnable, at the back of the queue. Weight 0 is treated as 1.
@@ -290,18 +314,18 @@ impl Scheduler {
         queued.dedup();
         assert_eq!(before, queued.len(), "a vCPU is queued twice: {:?}", self.queue);
         let runnable: Vec<VcpuId> =
-            self.vcpus.iter().filter(|(_, e)| e.state == RunState::Runnable).map(|(&v, _)| v).collect();
+            self.vcpus.iter().filter(|(_, e)| e.state == RunState::Runnable).map(|(v, _)| v).collect();
         assert_eq!(queued, runnable, "queue and runnable set differ");
         let deadlines: BTreeSet<(u64, VcpuId)> = self
             .vcpus
             .iter()
-            .filter_map(|(&v, e)| match e.state {
+            .filter_map(|(v, e)| match e.state {
                 RunState::Blocked { wake_at: Some(t) } => Some((t, v)),
                 _ => None,
             })
             .collect();
         assert_eq!(deadlines, self.timers, "timer set and blocked deadlines differ");
-        assert!(self.vcpus.values().all(|e| e.weight >= 1));
+        assert!(self.vcpus.iter().all(|(_, e)| e.weight >= 1));
     }
 }
 

@@ -25,7 +25,16 @@ pub const IST_NMI: u8 = 1;
 pub const IST_DOUBLE_FAULT: u8 = 2;
 pub const IST_MACHINE_CHECK: u8 = 3;
 
-const IST_STACK_SIZE: usize = 16 * 1024;
+/// The NMI, double-fault and machine-check handlers only print a crash
+/// report and halt: 8 KiB each is ample (each is mapped in every guest's
+/// entry area, so they are kept small).
+const IST_STACK_SIZE: usize = 8 * 1024;
+
+/// The I/O permission bitmap covers ports 0..0x1000 (every port a Dom0
+/// device needs: COM1, PCI configuration, ATA); the CPU denies any port past
+/// the bitmap's end (the TSS limit), so higher ports are always refused.
+pub const IO_BITMAP_PORTS: usize = 0x1000;
+const IO_BITMAP_BYTES: usize = IO_BITMAP_PORTS / 8;
 
 /// 64-bit TSS followed by the I/O permission bitmap (all ports denied).
 #[repr(C, packed)]
@@ -37,7 +46,7 @@ pub struct Tss {
     _reserved2: u64,
     _reserved3: u16,
     pub iomap_base: u16,
-    pub io_bitmap: [u8; 8192],
+    pub io_bitmap: [u8; IO_BITMAP_BYTES],
     /// The CPU reads one byte past the bitmap; it must have all bits set.
     io_bitmap_end: u8,
 }
@@ -67,7 +76,7 @@ static mut TSS: Tss = Tss {
     _reserved2: 0,
     _reserved3: 0,
     iomap_base: TSS_IOMAP_OFFSET,
-    io_bitmap: [0xff; 8192],
+    io_bitmap: [0xff; IO_BITMAP_BYTES],
     io_bitmap_end: 0xff,
 };
 
@@ -256,8 +265,11 @@ const _: () = {
     let mut i = 0;
     while i < ranges.len() {
         assert!(*ranges[i].start() & 7 == 0 && *ranges[i].end() == *ranges[i].start() + 7);
+        // ... and lie inside the bitmap.
+        assert!((*ranges[i].end() as usize) < IO_BITMAP_PORTS);
         i += 1;
     }
+    assert!((ATA_PRIMARY_CONTROL as usize) < IO_BITMAP_PORTS);
     // The control port's byte is none of theirs.
     assert!(ATA_PRIMARY_CONTROL / 8 != *COM1_PORTS.start() / 8);
 };
