@@ -651,6 +651,13 @@ impl FrameTable {
     /// Copies `data` to guest address `va`. Every page is checked before
     /// anything is written, so on -EFAULT guest memory is unchanged.
     pub fn copy_to_guest<M: MachineMemory>(&self, mem: &mut M, dom: DomId, l4: Mfn, va: u64, data: &[u8]) -> Result<(), Errno> {
+        // Within one page (a bounced exception frame, a status record): one
+        // walk checks it and gives the address.
+        if !data.is_empty() && (va % PAGE) as usize + data.len() <= PAGE as usize {
+            let ma = self.translate(mem, dom, l4, va, true)?;
+            mem.write_bytes(Mfn(ma / PAGE), (ma % PAGE) as usize, data);
+            return Ok(());
+        }
         for (off, _) in chunks(va, data.len())? {
             self.translate(mem, dom, l4, va + off as u64, true)?;
         }

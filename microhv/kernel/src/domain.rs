@@ -660,7 +660,7 @@ pub fn guest_entry(frame: &mut TrapFrame) {
             0..=31 => true,
             _ => false,
         };
-        if !force && may_skip && fast_return(hv, cur, frame) {
+        if !force && may_skip && fast_return(hv, cur, frame, now) {
             return;
         }
     }
@@ -686,9 +686,10 @@ fn keeps_schedule(nr: u64) -> bool {
 /// when that pass could only decide the same: nothing is due before the
 /// deadline armed on the way in, no device line waits, no upcall is due,
 /// and the vCPU is still runnable. False: take the full path.
-fn fast_return(hv: &mut Hv, cur: usize, frame: &mut TrapFrame) -> bool {
+/// `now` is the time of the entry: a deadline that passed while the call
+/// ran is still caught, as the APIC timer armed for it fires at once.
+fn fast_return(hv: &mut Hv, cur: usize, frame: &mut TrapFrame, now: u64) -> bool {
     let Some(deadline) = hv.armed_deadline else { return false };
-    let now = time::nanos_since_boot();
     let d = &hv.domains[cur];
     if now >= deadline
         || crate::irq::has_pending()

@@ -44,12 +44,12 @@ pub(crate) fn evtchn_status_record(hv: &Hv, id: shared_abi::DomId, port: u64) ->
 /// Handles the hypercall in the current vCPU's saved registers. Returns true
 /// when the scheduler must pick again.
 pub fn handle(hv: &mut Hv, cur: usize) -> bool {
-    let r = hv.domains[cur].vcpu.regs;
-    let nr = r.rax;
+    let r = &hv.domains[cur].vcpu.regs;
+    let (nr, args) = (r.rax, [r.rdi, r.rsi, r.rdx, r.r10, r.r8]);
     let privileged = hv.domains[cur].privileged;
     let out = match check_access(nr, GuestKind::Pv, privileged) {
         Err(e) => Outcome::Ret(Err(e)),
-        Ok(_) => match Call::decode(nr, [r.rdi, r.rsi, r.rdx, r.r10, r.r8]) {
+        Ok(_) => match Call::decode(nr, args) {
             Err(e) => Outcome::Ret(Err(e)),
             Ok(call) => dispatch(hv, cur, call),
         },

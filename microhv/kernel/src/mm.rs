@@ -114,7 +114,6 @@ pub fn build_allocator(map: &MemoryMap, modules: &RangeSet<{ microhv_core::multi
     for m in modules.iter() {
         free.remove(Range::new(m.start & !(PAGE_SIZE - 1), m.end.next_multiple_of(PAGE_SIZE))).map_err(|_| err)?;
     }
-    *MODULES.lock() = modules.clone();
     // The bitmap: sized to the top of RAM, in the first free range below
     // the boot identity map that holds it, and never handed out.
     let top = free.iter().map(|r| r.end).max().unwrap_or(0).min(MANAGED_LIMIT);
@@ -132,7 +131,9 @@ pub fn build_allocator(map: &MemoryMap, modules: &RangeSet<{ microhv_core::multi
     // page-aligned, outside the image and the modules, and now removed from
     // the free frames: nothing else will ever refer to it. Called once.
     let bits = unsafe { core::slice::from_raw_parts_mut(at as *mut u64, words) };
-    *FRAMES.lock() = Some(FrameAllocator::new(bits, &free));
+    let allocator = FrameAllocator::new(bits, &free);
+    ACCESSIBLE.call_once(|| Accessible { managed: allocator.managed().clone(), modules: modules.clone() });
+    *FRAMES.lock() = Some(allocator);
     log::info!("memory: frame bitmap at {:#x}, {} KiB for {} MiB of physical address space", at, span / 1024, top >> 20);
     Ok(())
 }
@@ -263,18 +264,26 @@ pub fn free_frames() -> u64 {
 pub struct Identity;
 
 /// Boot modules (their frames may be handed to Dom0).
-static MODULES: Mutex<RangeSet<{ microhv_core::multiboot::MAX_MODULES }>> = Mutex::new(RangeSet::new());
+
+/// What machine-memory accesses may touch, fixed once the allocator exists:
+/// the RAM it manages and the boot modules. A copy without a lock, so that
+/// every shared-info or page-table access on the hypercall path does not
+/// take the allocator's lock.
+struct Accessible {
+    managed: RangeSet<{ microhv_core::frame::MANAGED_RANGES }>,
+    modules: RangeSet<{ microhv_core::multiboot::MAX_MODULES }>,
+}
+
+static ACCESSIBLE: spin::Once<Accessible> = spin::Once::new();
 
 fn frame_ptr(mfn: microhv_core::machine::Mfn) -> *mut u8 {
     let addr = mfn.0 << 12;
-    let managed = FRAMES.lock().as_ref().map(|a| a.managed().contains(addr)).unwrap_or(false);
     // Only RAM that the allocator manages and the boot modules (both
     // identity-mapped) are ever touched; anything else is a bug in the caller.
-    assert!(
-        managed || MODULES.lock().iter().any(|r| r.start & !(PAGE_SIZE - 1) <= addr && addr < r.end),
-        "machine access to unmanaged frame {:#x}",
-        mfn.0
-    );
+    let ok = ACCESSIBLE.get().is_some_and(|a| {
+        a.managed.contains(addr) || a.modules.iter().any(|r| r.start & !(PAGE_SIZE - 1) <= addr && addr < r.end)
+    });
+    assert!(ok, "machine access to unmanaged frame {:#x}", mfn.0);
     addr as *mut u8
 }
 
