@@ -183,12 +183,13 @@ impl Domain {
     pub fn set_upcall_mask(&self, masked: bool) {
         si_set_u8(self.shared_info, OFF_MASK, masked as u8);
     }
-    pub fn upcall_pending(&self) -> bool {
-        si_u8(self.shared_info, OFF_PENDING) != 0
-    }
-    /// Events are pending and unmasked: an upcall is due.
+    /// Events are pending and unmasked: an upcall is due. (The two flags
+    /// are adjacent bytes: one read for both, as this is on every return.)
     pub fn events_need_delivery(&self) -> bool {
-        self.upcall_pending() && !self.upcall_mask()
+        const _: () = assert!(OFF_MASK == OFF_PENDING + 1);
+        let mut b = [0u8; 2];
+        Identity.read_bytes(self.shared_info, OFF_PENDING, &mut b);
+        b[0] != 0 && b[1] == 0
     }
     pub fn set_cr2(&self, cr2: u64) {
         si_set_u64(self.shared_info, OFF_CR2, cr2);
@@ -660,7 +661,10 @@ pub fn guest_entry(frame: &mut TrapFrame) {
             0..=31 => true,
             _ => false,
         };
-        if !force && may_skip && fast_return(hv, cur, frame, now) {
+        // A hypercall other than `iret` changes only RAX; an exception
+        // bounce or `iret` changes the frame.
+        let only_rax = vector == shared_abi::HYPERCALL_VECTOR as u64 && nr != shared_abi::hypercall::nr::IRET;
+        if !force && may_skip && fast_return(hv, cur, frame, now, only_rax) {
             return;
         }
     }
@@ -688,7 +692,7 @@ fn keeps_schedule(nr: u64) -> bool {
 /// and the vCPU is still runnable. False: take the full path.
 /// `now` is the time of the entry: a deadline that passed while the call
 /// ran is still caught, as the APIC timer armed for it fires at once.
-fn fast_return(hv: &mut Hv, cur: usize, frame: &mut TrapFrame, now: u64) -> bool {
+fn fast_return(hv: &mut Hv, cur: usize, frame: &mut TrapFrame, now: u64, only_rax: bool) -> bool {
     let Some(deadline) = hv.armed_deadline else { return false };
     let d = &hv.domains[cur];
     if now >= deadline
@@ -700,7 +704,11 @@ fn fast_return(hv: &mut Hv, cur: usize, frame: &mut TrapFrame, now: u64) -> bool
     {
         return false;
     }
-    *frame = d.vcpu.regs;
+    if only_rax {
+        frame.rax = d.vcpu.regs.rax;
+    } else {
+        *frame = d.vcpu.regs;
+    }
     trap::set_next_cr3(d.vcpu.cr3.addr());
     hv.domains[cur].counters.cr3_loads += 1;
     if let Some((i, t)) = hv.entered.take() {
