@@ -816,7 +816,7 @@ fn build(hv: &mut Hv, id: DomId, file: &[u8], name: &str, nr_pages: u64, weight:
         shared_info_gfn: (nr_pages - 1) as u32,
         domid: id.0,
         store_gfn: if channels.is_some() { store_gfn as u32 } else { 0 },
-        store_port: channels.map_or(0, |c| c.store_port as u32),
+        store_port: channels.map_or(0, |c| c.store_port),
     };
     let d = &mut hv.domains[idx];
     d.hvm = Some(Box::new(HvmDomain { vcpu, ept, platform: Platform::new(policy), pv_timer: None, console_pending: Vec::new(), boot, polling: false, last_exit_ns: None }));

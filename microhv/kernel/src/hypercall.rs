@@ -712,7 +712,7 @@ fn l1_entry(hv: &Hv, cur: usize, va: GuestVa) -> Result<u64, Errno> {
     use microhv_core::machine::MachineMemory;
     use microhv_core::pvmm::Owner;
     let d = &hv.domains[cur];
-    if va.0 % 4096 != 0 || va.0 >= HYPERVISOR_VA_START || !microhv_core::paging::is_canonical(va.0) {
+    if !va.0.is_multiple_of(4096) || va.0 >= HYPERVISOR_VA_START || !microhv_core::paging::is_canonical(va.0) {
         return Err(Errno::EINVAL);
     }
     let mut table = d.vcpu.cr3;

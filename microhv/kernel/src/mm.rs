@@ -263,8 +263,6 @@ pub fn free_frames() -> u64 {
 /// Machine memory through microhv's identity mapping of RAM.
 pub struct Identity;
 
-/// Boot modules (their frames may be handed to Dom0).
-
 /// What machine-memory accesses may touch, fixed once the allocator exists:
 /// the RAM it manages and the boot modules. A copy without a lock, so that
 /// every shared-info or page-table access on the hypercall path does not
