@@ -45,7 +45,7 @@ const _: () = {
     assert!(OUT_CONS_OFF == IN_PROD_OFF + 4);
     assert!(OUT_PROD_OFF == OUT_CONS_OFF + 4);
     assert!(OUT_PROD_OFF + 4 <= PAGE_SIZE);
-    assert!(IN_CONS_OFF % 4 == 0);
+    assert!(IN_CONS_OFF.is_multiple_of(4));
 };
 
 /// One byte ring of the page.

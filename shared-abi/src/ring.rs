@@ -62,7 +62,7 @@ pub const SLOT_AREA: usize = PAGE_SIZE - HEADER_SIZE;
 
 const _: () = {
     assert!(RSP_EVENT_OFF + 4 <= HEADER_SIZE);
-    assert!(HEADER_SIZE % 8 == 0);
+    assert!(HEADER_SIZE.is_multiple_of(8));
 };
 
 /// One shared 4096-byte page, as seen by one end.

@@ -247,7 +247,7 @@ const EVENT_COLUMNS: [&str; 6] = ["hypercalls", "entries", "exceptions", "upcall
 /// The terminal table.
 pub fn table(r: &Report) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "{:<22} {:<6} {:<9} {:>10} {:>10} {:>10} {:>10}   {}", "benchmark", "flavour", "where", "median", "p5", "p95", "p99", "per op: hypercalls entries exceptions upcalls cr3_loads hv_ns");
+    let _ = writeln!(s, "{:<22} {:<6} {:<9} {:>10} {:>10} {:>10} {:>10}   per op: hypercalls entries exceptions upcalls cr3_loads hv_ns", "benchmark", "flavour", "where", "median", "p5", "p95", "p99");
     for b in &r.benches {
         let st = b.stats.unwrap_or(Stats { n: 0, min: 0, p5: 0, median: 0, p95: 0, p99: 0, max: 0 });
         let per: Vec<String> = EVENT_COLUMNS.iter().map(|e| b.per_op(e).map_or("-".into(), |v| format!("{v:.1}"))).collect();

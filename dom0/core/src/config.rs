@@ -514,7 +514,7 @@ fn decimal(s: &str) -> Result<u64, NumberError> {
 /// A size in the largest unit that divides it: `"1G"`, `"8M"`, `"68K"`, `"100"`.
 fn fmt_size(bytes: u64) -> String {
     for (unit, suffix) in [(1u64 << 30, "G"), (1 << 20, "M"), (1 << 10, "K")] {
-        if bytes != 0 && bytes % unit == 0 {
+        if bytes != 0 && bytes.is_multiple_of(unit) {
             return format!("{}{suffix}", bytes / unit);
         }
     }

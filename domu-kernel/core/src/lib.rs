@@ -167,7 +167,7 @@ pub mod disk {
 
     /// The `i`-th u64 of the data area written by `name`'s run `run`.
     pub fn word(name: &str, run: u64, i: u64) -> u64 {
-        super::pattern(name, run << 20 | i / 512, i % 512)
+        super::pattern(name, (run << 20) | (i / 512), i % 512)
     }
 }
 

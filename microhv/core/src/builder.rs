@@ -529,8 +529,8 @@ pub struct BuiltDomain {
 
 /// Checks that `image` is self-consistent (it may not come from [`parse_pv_image`]).
 fn check_image(image: &PvImage) -> Result<(), BuildError> {
-    if image.virt_base % PAGE != 0
-        || image.virt_end % PAGE != 0
+    if !image.virt_base.is_multiple_of(PAGE)
+        || !image.virt_end.is_multiple_of(PAGE)
         || image.virt_end < image.virt_base
         || image.virt_end > LOWER_HALF_END
     {

@@ -13,7 +13,7 @@ impl<'a> Cmdline<'a> {
             .filter_map(|w| w.split_once('='))
             .filter(|(k, _)| *k == key)
             .map(|(_, v)| v)
-            .last()
+            .next_back()
     }
 
     /// True when `key` appears as a bare word or as `key=1|on|yes|true`.

@@ -83,7 +83,7 @@ impl Rights {
 
     /// Bits 2:0 of an entry with these rights.
     pub const fn bits(self) -> u64 {
-        (self.read as u64) * EPT_READ | (self.write as u64) * EPT_WRITE | (self.exec as u64) * EPT_EXEC
+        ((self.read as u64) * EPT_READ) | ((self.write as u64) * EPT_WRITE) | ((self.exec as u64) * EPT_EXEC)
     }
 
     /// The rights in bits 2:0 of `entry`.
@@ -141,7 +141,7 @@ impl<M: TableMemory> Ept<M> {
 
     /// Checks a guest-physical page address: aligned and below 2^48.
     fn check_gpa(gpa: u64) -> Result<(), Errno> {
-        if gpa % PAGE_SIZE != 0 || gpa >= GPA_LIMIT {
+        if !gpa.is_multiple_of(PAGE_SIZE) || gpa >= GPA_LIMIT {
             return Err(Errno::EINVAL);
         }
         Ok(())

@@ -107,7 +107,7 @@ impl<M: TableMemory> PageTables<M> {
         if !is_canonical(va) {
             return Err(MapError::NonCanonical);
         }
-        if va % size != 0 || pa % size != 0 {
+        if !va.is_multiple_of(size) || !pa.is_multiple_of(size) {
             return Err(MapError::Unaligned);
         }
         let t = self.walk_create(va, level)?;
@@ -131,7 +131,7 @@ impl<M: TableMemory> PageTables<M> {
 
     /// Maps `[pa, pa+len)` at `va` with the largest pages that fit.
     pub fn map_range(&mut self, va: u64, pa: u64, len: u64, flags: PteFlags) -> Result<(), MapError> {
-        if va % SIZE_4K != 0 || pa % SIZE_4K != 0 || len % SIZE_4K != 0 {
+        if !va.is_multiple_of(SIZE_4K) || !pa.is_multiple_of(SIZE_4K) || !len.is_multiple_of(SIZE_4K) {
             return Err(MapError::Unaligned);
         }
         let mut off = 0;
