@@ -113,8 +113,12 @@ impl<const N: usize> RangeSet<N> {
         self.iter().map(|r| r.len()).sum()
     }
 
+    /// Binary search: the ranges are sorted and disjoint (this is on every
+    /// machine-memory access microhv makes).
     pub fn contains(&self, addr: u64) -> bool {
-        self.iter().any(|r| r.contains(addr))
+        let s = self.as_slice();
+        let i = s.partition_point(|r| r.start <= addr);
+        i > 0 && s[i - 1].contains(addr)
     }
 
     /// True when all of `r` lies inside one range of the set.

@@ -725,22 +725,28 @@ fn guest_exception(hv: &mut Hv, cur: usize, frame: &TrapFrame) -> bool {
     let name = crate::trap::EXCEPTION_NAMES[v];
     let d = &hv.domains[cur];
     let handler = d.vcpu.traps[v];
-    let what = if v == 14 {
-        alloc::format!("{name} at rip {:#x} (ring {}), cr2 {cr2:#x}, error {:#x}", frame.rip, frame.cs & 3, frame.error_code)
-    } else {
-        alloc::format!("{name} at rip {:#x} (ring {}), error {:#x}", frame.rip, frame.cs & 3, frame.error_code)
+    // Described only when it is printed: a bounce is a hot path (every
+    // guest page fault), formatting is not cheap.
+    let what = || {
+        if v == 14 {
+            alloc::format!("{name} at rip {:#x} (ring {}), cr2 {cr2:#x}, error {:#x}", frame.rip, frame.cs & 3, frame.error_code)
+        } else {
+            alloc::format!("{name} at rip {:#x} (ring {}), error {:#x}", frame.rip, frame.cs & 3, frame.error_code)
+        }
     };
     if handler == 0 {
-        kill(hv, cur, alloc::format!("unhandled {what}"));
+        kill(hv, cur, alloc::format!("unhandled {}", what()));
         return true;
     }
     if v == 14 {
         d.set_cr2(cr2);
     }
     let has_err = matches!(v, 8 | 10..=14 | 17 | 21 | 29 | 30);
-    log::debug!("{}: bouncing {what} to handler {handler:#x}", d.name);
+    if log::log_enabled!(log::Level::Debug) {
+        log::debug!("{}: bouncing {} to handler {handler:#x}", d.name, what());
+    }
     if let Err(e) = bounce(hv, cur, handler, has_err.then_some(frame.error_code)) {
-        kill(hv, cur, alloc::format!("{what}, and its handler could not be entered: {e}"));
+        kill(hv, cur, alloc::format!("{}, and its handler could not be entered: {e}", what()));
         return true;
     }
     hv.domains[cur].counters.exceptions_bounced += 1;

@@ -133,8 +133,19 @@ pub fn build_allocator(map: &MemoryMap, modules: &RangeSet<{ microhv_core::multi
     let bits = unsafe { core::slice::from_raw_parts_mut(at as *mut u64, words) };
     let allocator = FrameAllocator::new(bits, &free);
     ACCESSIBLE.call_once(|| Accessible { managed: allocator.managed().clone(), modules: modules.clone() });
+    if let Some(big) = allocator.managed().iter().max_by_key(|r| r.len()) {
+        BIG_RANGE.0.store(big.start, core::sync::atomic::Ordering::Relaxed);
+        BIG_RANGE.1.store(big.end, core::sync::atomic::Ordering::Relaxed);
+    }
     *FRAMES.lock() = Some(allocator);
-    log::info!("memory: frame bitmap at {:#x}, {} KiB for {} MiB of physical address space", at, span / 1024, top >> 20);
+    log::info!(
+        "memory: frame bitmap at {:#x}, {} KiB for {} MiB of physical address space; {} managed ranges, {} module ranges",
+        at,
+        span / 1024,
+        top >> 20,
+        ACCESSIBLE.get().map_or(0, |a| a.managed.len()),
+        modules.len()
+    );
     Ok(())
 }
 
@@ -274,8 +285,17 @@ struct Accessible {
 
 static ACCESSIBLE: spin::Once<Accessible> = spin::Once::new();
 
+/// The largest managed range, checked first: nearly every frame microhv
+/// touches lies in it.
+static BIG_RANGE: (core::sync::atomic::AtomicU64, core::sync::atomic::AtomicU64) =
+    (core::sync::atomic::AtomicU64::new(0), core::sync::atomic::AtomicU64::new(0));
+
 fn frame_ptr(mfn: microhv_core::machine::Mfn) -> *mut u8 {
+    use core::sync::atomic::Ordering::Relaxed;
     let addr = mfn.0 << 12;
+    if BIG_RANGE.0.load(Relaxed) <= addr && addr < BIG_RANGE.1.load(Relaxed) {
+        return addr as *mut u8;
+    }
     // Only RAM that the allocator manages and the boot modules (both
     // identity-mapped) are ever touched; anything else is a bug in the caller.
     let ok = ACCESSIBLE.get().is_some_and(|a| {
