@@ -190,7 +190,7 @@ pub fn targets(r: &Report) -> Vec<Target> {
             measured: hv_per_op("null_hypercall"),
             limit: 150.0,
             unit: "instructions",
-            if_missed: "the fast return already skips the scheduler pass; what is left is the entry bookkeeping (counters, the saved frame copied in and out), decoding, and the shared-info reads for a due upcall, each through the checked machine-memory accessor (a lock and a range search); a cached, pre-checked pointer to shared_info and one frame copy would reach it",
+            if_missed: "the fast return skips the scheduler pass and copies back RAX only; what is left is the Rust entry path (the lock on microhv's state, counters, the clock, the access check, decoding), copying the 176-byte register frame in, and the dispatch; a register-only path for calls that touch no memory, without the copy and the lock, would reach it",
             at_least: false,
         },
         Target {
@@ -198,7 +198,7 @@ pub fn targets(r: &Report) -> Vec<Target> {
             measured: hv_per_op("event_send_to_upcall"),
             limit: 300.0,
             unit: "instructions",
-            if_missed: "the path is two hypercalls (send, then the handler's iret) and an upcall bounce, each through the full scheduler pass; the same fast path, and building the bounce frame without re-checking the guest stack page by page, would reach it",
+            if_missed: "the path is two hypercalls (send, then the handler's iret) and an upcall bounce; the send takes the full scheduler pass (it may wake another domain) and the bounce walks the guest's page tables to write the frame; a fast path for a send that wakes nobody else, and a cached translation of the guest's kernel stack, would reach it",
             at_least: false,
         },
         Target {
