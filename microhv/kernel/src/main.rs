@@ -157,7 +157,7 @@ mod start {
             summary.free_frames, summary.total_frames, summary.free_frames * 4 / 1024,
             summary.heap.len() >> 10, summary.heap.start, summary.cr3);
         if summary.ignored > 0 {
-            log::warn!("memory: {} MiB above the allocator's 16 GiB limit are not used", summary.ignored >> 20);
+            log::warn!("memory: {} MiB above the allocator's 64 GiB limit are not used", summary.ignored >> 20);
         }
         log::info!("timer: TSC {}.{:03} MHz, APIC timer {}.{:03} MHz (bus/16), calibrated against the PIT",
             cal.tsc_hz / 1_000_000, cal.tsc_hz / 1000 % 1000, cal.apic_timer_hz / 1_000_000, cal.apic_timer_hz / 1000 % 1000);
