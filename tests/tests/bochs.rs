@@ -161,7 +161,7 @@ fn hostile_hvm_guests_are_ended_or_refused_while_the_others_run_on() {
     let mut run = BochsRun::new(&images_for_tests());
     run.dir_name = "bochs-hostile".into();
     run.modules = vec!["dom0.elf name=dom0".into(), "domu.elf name=domu1".into(), "domu-hvm.elf name=hvm1 mem=4M settle=0".into()];
-    for a in ["ept", "hvwrite", "vmcall", "triple", "storm", "exit"] {
+    for a in ["ept", "hvwrite", "vmcall", "triple", "storm", "exit", "store"] {
         run.modules.push(format!("domu-hvm.elf name=x-{a} attack={a} mem=4M settle=0"));
     }
     let r = run.run().expect("Bochs could not be started");
@@ -188,7 +188,9 @@ fn hostile_hvm_guests_are_ended_or_refused_while_the_others_run_on() {
             "'hvm1' ended: poweroff",
             "'domu1' ended: poweroff",
             "'dom0' ended: poweroff",
-            "microhv: summary: 9 domains ran: dom0 poweroff, domu1 poweroff, hvm1 poweroff, x-ept killed: EPT violation",
+            // Garbage in its own store ring: Dom0 drops that connection.
+            "'x-store' ended: poweroff",
+            "microhv: summary: 10 domains ran: dom0 poweroff, domu1 poweroff, hvm1 poweroff, x-ept killed: EPT violation",
         ],
     );
     // What the guests printed (microhv's log lines taken out, see above).
@@ -209,6 +211,12 @@ fn hostile_hvm_guests_are_ended_or_refused_while_the_others_run_on() {
             "attack vmcall: grant_access of a frame past my memory -> -22",
             "attack vmcall: grant_access of my shared_info -> -13",
             "attack storm: ",
+            // The hybrid's store ring is its own page; Dom0 checks it as it
+            // checks a PV guest's and serves the others on.
+            "attack store: garbage over my store ring (gfn 0x401) after Dom0 connected it, 64 of 64 events sent",
+            "[dom0] store: x-store: bad producer index",
+            "; dropping its store connection",
+            "[dom0] console backend: x-store disconnected (protocol error)",
             "[domu1] done: ",
         ],
     );

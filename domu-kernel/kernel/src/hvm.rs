@@ -676,6 +676,52 @@ fn attack(name: &str, which: &str) {
             println!("attack exit: powering off with exit code 7");
             power_off(7);
         }
+        // The store ring microhv maps into a hybrid guest is the guest's own
+        // page: fill it with garbage (indices included) and ring Dom0's
+        // store. Dom0 must refuse it and serve everyone else.
+        "store" => {
+            let leaf = cpuid(0x4000_0002);
+            let (gfn, port) = (leaf[0] as u64, leaf[1] as u64);
+            if gfn == 0 {
+                println!("attack store: no store ring announced");
+                power_off(4);
+            }
+            // Wait (up to 20 s) until Dom0's store has bound the port: the
+            // garbage must reach a connected backend.
+            let t0 = now_ns();
+            loop {
+                let mut st = [0u8; 16];
+                // SAFETY: `st` is ours, 16 bytes (guest-physical = virtual).
+                let r = unsafe { vmcall(shared_abi::hypercall::nr::EVTCHN_STATUS, [port, st.as_mut_ptr() as u64, 0]) };
+                let state = u32::from_le_bytes([st[0], st[1], st[2], st[3]]);
+                if r == 0 && state == shared_abi::hypercall::EVTCHN_STATE_INTERDOMAIN {
+                    break;
+                }
+                if now_ns() - t0 > 20_000_000_000 {
+                    println!("attack store: Dom0 never connected the store; powering off with code 4");
+                    power_off(4);
+                }
+                one_shot(20_000_000);
+                wait_ticks(1);
+            }
+            for i in 0..512u64 {
+                let v = 0xdead_beef_0bad_f00d ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                // SAFETY: deliberately hostile, on our own page (the store
+                // ring at the frame CPUID announced, mapped in our EPT).
+                unsafe { ((gfn << 12) as *mut u64).add(i as usize).write_volatile(v) };
+            }
+            let mut sent = 0;
+            for _ in 0..64 {
+                // SAFETY: no pointer arguments.
+                if unsafe { vmcall(shared_abi::hypercall::nr::EVTCHN_SEND, [port, 0, 0]) } == 0 {
+                    sent += 1;
+                }
+            }
+            one_shot(500_000_000);
+            wait_ticks(1);
+            println!("attack store: garbage over my store ring (gfn {gfn:#x}) after Dom0 connected it, {sent} of 64 events sent");
+            power_off(0);
+        }
         other => println!("unknown attack {other:?}"),
     }
     power_off(4)
