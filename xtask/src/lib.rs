@@ -213,7 +213,7 @@ pub fn detect_accel() -> (Accel, &'static str) {
     if hw && Path::new("/dev/kvm").exists() {
         (Accel::Kvm, "kvm_intel/kvm_amd loaded: hardware virtualization")
     } else if Path::new("/sys/module/kvm_pvm").exists() {
-        (Accel::Tcg, "this host's KVM is the PVM flavour (no hardware virtualization), slower than TCG")
+        (Accel::Tcg, "this host's KVM is the PVM flavour (no hardware virtualization): microhv's ring-1 guests make no progress under it")
     } else {
         (Accel::Tcg, "no hardware virtualization available")
     }
