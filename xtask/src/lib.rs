@@ -206,8 +206,9 @@ impl Accel {
     }
 }
 
-/// KVM only where the host has real hardware virtualization; the PVM flavour
-/// of KVM on our build machines is far slower than TCG for these kernels.
+/// KVM only where the host has real hardware virtualization; under the PVM
+/// flavour of KVM on our build machines microhv boots but its ring-1 guests
+/// make no progress.
 pub fn detect_accel() -> (Accel, &'static str) {
     let hw = Path::new("/sys/module/kvm_intel").exists() || Path::new("/sys/module/kvm_amd").exists();
     if hw && Path::new("/dev/kvm").exists() {
