@@ -160,7 +160,7 @@ mod tests {
         let mut page = PageBuf::new();
         let mut front: FrontRing<BlkRequest, BlkResponse> = FrontRing::init(&mut page);
         let mut back: BackRing<BlkRequest, BlkResponse> = BackRing::attach(&page);
-        assert!(FrontRing::<BlkRequest, BlkResponse>::SIZE >= 16, "at least 16 requests fit in a page");
+        const { assert!(FrontRing::<BlkRequest, BlkResponse>::SIZE >= 16, "at least 16 requests fit in a page") };
         let mut r = BlkRequest { op: BLK_OP_WRITE, nr_segments: 1, id: 77, sector: 9, ..Default::default() };
         r.seg[0] = seg(0, 7);
         front.push_request(&mut page, &r).unwrap();

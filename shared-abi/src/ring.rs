@@ -984,11 +984,11 @@ mod tests {
 
     impl SharedMem for Checked {
         fn read_u32(&self, off: usize) -> u32 {
-            assert!(off < 16 && off % 4 == 0);
+            assert!(off < 16 && off.is_multiple_of(4));
             self.page.read_u32(off)
         }
         fn write_u32(&mut self, off: usize, v: u32) {
-            assert!(off < 16 && off % 4 == 0);
+            assert!(off < 16 && off.is_multiple_of(4));
             self.page.write_u32(off, v)
         }
         fn read(&self, off: usize, buf: &mut [u8]) {

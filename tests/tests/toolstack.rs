@@ -64,8 +64,7 @@ fn broken_configurations_and_images_are_refused_with_clear_errors() {
     let (phentsize, phnum) = (u16_at(&big, 0x36), u16_at(&big, 0x38));
     let last_load = (0..phnum)
         .map(|i| phoff + i * phentsize)
-        .filter(|&o| u32::from_le_bytes(big[o..o + 4].try_into().unwrap()) == 1)
-        .last()
+        .rfind(|&o| u32::from_le_bytes(big[o..o + 4].try_into().unwrap()) == 1)
         .expect("a PT_LOAD segment");
     let memsz = u64::from_le_bytes(big[last_load + 0x28..last_load + 0x30].try_into().unwrap());
     big[last_load + 0x28..last_load + 0x30].copy_from_slice(&(memsz + (4 << 20)).to_le_bytes());

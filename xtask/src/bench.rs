@@ -402,104 +402,6 @@ pub fn write_files(dir: &Path, r: &Report) -> Result<[PathBuf; 3]> {
     Ok([json, md, svg])
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const OUT: &str = "\
-[bench] bench: PV benchmarks, 3 samples each
-[bench] BENCH-SAMPLES null_hypercall 300,100,200
-[bench] BENCH-EVENTS null_hypercall ops=3 hypercalls=3 entries=3 exceptions=0 upcalls=0 interrupts=0 cr3_loads=6 switches=0 hv_ns=450 pt_updates=0
-[bench] BENCH-SAMPLES page_fault 1000,1100
-[bench] BENCH-SAMPLES page_fault 900
-[bench] BENCH-EVENTS page_fault ops=3 hypercalls=3 entries=6 exceptions=3 upcalls=0 interrupts=0 cr3_loads=12 switches=0 hv_ns=1200 pt_updates=0
-[bench] BENCH-DONE 2
-";
-
-    fn report() -> Report {
-        Report {
-            schema: SCHEMA,
-            commit: "abc".into(),
-            emulator: "QEMU TCG -icount shift=0".into(),
-            cpu_model: "qemu64".into(),
-            unit: "instructions".into(),
-            quick: true,
-            hypervisor_image_kib: Some(300),
-            hv_bytes_per_domain: state_per_domain("[dom0] spawn: microhv's heap grew by 40 KiB: 650 bytes of hypervisor state per domain"),
-            baseline: parse_baseline("microhv: baseline: int_round_trip=500.0 cr3_reload=1.0 time_read=20.5 (ring 0)"),
-            benches: parse(OUT, "PV", "QEMU").unwrap(),
-        }
-    }
-
-    #[test]
-    fn parse_domain_keeps_one_guests_lines() {
-        let out = "[a] BENCH-SAMPLES x 1\n[b] BENCH-SAMPLES x 5,6\n(a) BENCH-EVENTS x ops=1 hypercalls=1\n[b] BENCH-EVENTS x ops=2 hypercalls=0\n[a] BENCH-DONE 1\n[b] BENCH-DONE 1\n";
-        let a = parse_domain(out, "a", "HVM", "Bochs").unwrap();
-        assert_eq!((a.len(), a[0].samples.clone(), a[0].flavour.as_str()), (1, vec![1], "HVM"));
-        let b = parse_domain(out, "b", "PV", "Bochs").unwrap();
-        assert_eq!(b[0].samples, vec![5, 6]);
-        assert!(parse_domain(out, "c", "PV", "Bochs").is_err());
-    }
-
-    #[test]
-    fn percentiles_are_nearest_rank() {
-        let v: Vec<u64> = (1..=100).collect();
-        let s = stats(&v).unwrap();
-        assert_eq!((s.min, s.p5, s.median, s.p95, s.p99, s.max), (1, 5, 50, 95, 99, 100));
-        assert_eq!(stats(&[7]).unwrap().p99, 7);
-        assert_eq!(stats(&[]), None);
-    }
-
-    #[test]
-    fn parse_collects_samples_and_events_across_lines() {
-        let b = parse(OUT, "PV", "QEMU").unwrap();
-        assert_eq!(b.len(), 2);
-        assert_eq!(b[0].samples, vec![300, 100, 200]);
-        assert_eq!(b[0].stats.unwrap().median, 200);
-        assert_eq!(b[1].samples, vec![1000, 1100, 900]);
-        assert_eq!(b[1].per_op("exceptions"), Some(1.0));
-        assert_eq!(b[0].per_op("hv_ns"), Some(150.0));
-        assert!(parse("BENCH-SAMPLES x 1,2\n", "PV", "QEMU").is_err(), "a run without BENCH-DONE is an error");
-        assert!(parse("BENCH-SAMPLES x 1,zz\nBENCH-DONE 1\n", "PV", "QEMU").is_err());
-        assert!(parse("BENCH-SAMPLES x 1,2\nBENCH-EVENTS x ops=3\nBENCH-DONE 1\n", "PV", "QEMU").is_err(), "a lost sample is an error");
-    }
-
-    #[test]
-    fn results_json_has_the_documented_schema() {
-        let v: serde_json::Value = serde_json::from_str(&serde_json::to_string(&report()).unwrap()).unwrap();
-        assert_eq!(v["schema"], SCHEMA);
-        for k in ["commit", "emulator", "cpu_model", "unit", "quick", "benches"] {
-            assert!(!v[k].is_null(), "missing {k}");
-        }
-        let b = &v["benches"][0];
-        for k in ["name", "flavour", "where", "samples", "stats", "ops", "events"] {
-            assert!(!b[k].is_null(), "missing benches[0].{k}");
-        }
-        assert_eq!(b["stats"]["median"], 200);
-        assert_eq!(b["events"]["hypercalls"], 3);
-    }
-
-    #[test]
-    fn the_chart_is_well_formed_svg() {
-        let svg = chart_svg(&report());
-        let doc = roxmltree::Document::parse(&svg).expect("valid XML");
-        let root = doc.root_element();
-        assert_eq!(root.tag_name().name(), "svg");
-        assert_eq!(root.tag_name().namespace(), Some("http://www.w3.org/2000/svg"));
-        assert_eq!(doc.descendants().filter(|n| n.has_tag_name("rect")).count(), 2);
-    }
-
-    #[test]
-    fn report_lists_targets_and_timestamps_are_utc() {
-        let md = report_md(&report());
-        assert!(md.contains("| null PV hypercall: microhv instructions per round trip | 150 instructions | 150 instructions | yes |"), "{md}");
-        assert_eq!(timestamp(0), "19700101-000000");
-        assert!(md.contains("| hypervisor state per domain (microhv's heap, from the 64-domain run) | 650 bytes | 16384 bytes | yes |"), "{md}");
-        assert!(md.contains("| int_round_trip | 500.0 |"), "{md}");
-        assert!(md.contains("| null PV hypercall as a multiple of the ring-0 interrupt round trip (the native floor) | 0.40 x | 2 x | yes |"), "{md}");
-        assert_eq!(timestamp(1_796_202_061), "20261202-090101");
-    }
-}
 
 /// Like [`parse`], for the lines of one domain (`[name] ...` or `(name) ...`).
 pub fn parse_domain(serial: &str, domain: &str, flavour: &str, where_: &str) -> Result<Vec<Bench>> {
@@ -685,4 +587,103 @@ pub fn run_pv_qemu(images: &crate::Images, quick: bool, accel: crate::Accel) -> 
         benches,
     };
     Ok((report, r.serial))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OUT: &str = "\
+[bench] bench: PV benchmarks, 3 samples each
+[bench] BENCH-SAMPLES null_hypercall 300,100,200
+[bench] BENCH-EVENTS null_hypercall ops=3 hypercalls=3 entries=3 exceptions=0 upcalls=0 interrupts=0 cr3_loads=6 switches=0 hv_ns=450 pt_updates=0
+[bench] BENCH-SAMPLES page_fault 1000,1100
+[bench] BENCH-SAMPLES page_fault 900
+[bench] BENCH-EVENTS page_fault ops=3 hypercalls=3 entries=6 exceptions=3 upcalls=0 interrupts=0 cr3_loads=12 switches=0 hv_ns=1200 pt_updates=0
+[bench] BENCH-DONE 2
+";
+
+    fn report() -> Report {
+        Report {
+            schema: SCHEMA,
+            commit: "abc".into(),
+            emulator: "QEMU TCG -icount shift=0".into(),
+            cpu_model: "qemu64".into(),
+            unit: "instructions".into(),
+            quick: true,
+            hypervisor_image_kib: Some(300),
+            hv_bytes_per_domain: state_per_domain("[dom0] spawn: microhv's heap grew by 40 KiB: 650 bytes of hypervisor state per domain"),
+            baseline: parse_baseline("microhv: baseline: int_round_trip=500.0 cr3_reload=1.0 time_read=20.5 (ring 0)"),
+            benches: parse(OUT, "PV", "QEMU").unwrap(),
+        }
+    }
+
+    #[test]
+    fn parse_domain_keeps_one_guests_lines() {
+        let out = "[a] BENCH-SAMPLES x 1\n[b] BENCH-SAMPLES x 5,6\n(a) BENCH-EVENTS x ops=1 hypercalls=1\n[b] BENCH-EVENTS x ops=2 hypercalls=0\n[a] BENCH-DONE 1\n[b] BENCH-DONE 1\n";
+        let a = parse_domain(out, "a", "HVM", "Bochs").unwrap();
+        assert_eq!((a.len(), a[0].samples.clone(), a[0].flavour.as_str()), (1, vec![1], "HVM"));
+        let b = parse_domain(out, "b", "PV", "Bochs").unwrap();
+        assert_eq!(b[0].samples, vec![5, 6]);
+        assert!(parse_domain(out, "c", "PV", "Bochs").is_err());
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<u64> = (1..=100).collect();
+        let s = stats(&v).unwrap();
+        assert_eq!((s.min, s.p5, s.median, s.p95, s.p99, s.max), (1, 5, 50, 95, 99, 100));
+        assert_eq!(stats(&[7]).unwrap().p99, 7);
+        assert_eq!(stats(&[]), None);
+    }
+
+    #[test]
+    fn parse_collects_samples_and_events_across_lines() {
+        let b = parse(OUT, "PV", "QEMU").unwrap();
+        assert_eq!(b.len(), 2);
+        assert_eq!(b[0].samples, vec![300, 100, 200]);
+        assert_eq!(b[0].stats.unwrap().median, 200);
+        assert_eq!(b[1].samples, vec![1000, 1100, 900]);
+        assert_eq!(b[1].per_op("exceptions"), Some(1.0));
+        assert_eq!(b[0].per_op("hv_ns"), Some(150.0));
+        assert!(parse("BENCH-SAMPLES x 1,2\n", "PV", "QEMU").is_err(), "a run without BENCH-DONE is an error");
+        assert!(parse("BENCH-SAMPLES x 1,zz\nBENCH-DONE 1\n", "PV", "QEMU").is_err());
+        assert!(parse("BENCH-SAMPLES x 1,2\nBENCH-EVENTS x ops=3\nBENCH-DONE 1\n", "PV", "QEMU").is_err(), "a lost sample is an error");
+    }
+
+    #[test]
+    fn results_json_has_the_documented_schema() {
+        let v: serde_json::Value = serde_json::from_str(&serde_json::to_string(&report()).unwrap()).unwrap();
+        assert_eq!(v["schema"], SCHEMA);
+        for k in ["commit", "emulator", "cpu_model", "unit", "quick", "benches"] {
+            assert!(!v[k].is_null(), "missing {k}");
+        }
+        let b = &v["benches"][0];
+        for k in ["name", "flavour", "where", "samples", "stats", "ops", "events"] {
+            assert!(!b[k].is_null(), "missing benches[0].{k}");
+        }
+        assert_eq!(b["stats"]["median"], 200);
+        assert_eq!(b["events"]["hypercalls"], 3);
+    }
+
+    #[test]
+    fn the_chart_is_well_formed_svg() {
+        let svg = chart_svg(&report());
+        let doc = roxmltree::Document::parse(&svg).expect("valid XML");
+        let root = doc.root_element();
+        assert_eq!(root.tag_name().name(), "svg");
+        assert_eq!(root.tag_name().namespace(), Some("http://www.w3.org/2000/svg"));
+        assert_eq!(doc.descendants().filter(|n| n.has_tag_name("rect")).count(), 2);
+    }
+
+    #[test]
+    fn report_lists_targets_and_timestamps_are_utc() {
+        let md = report_md(&report());
+        assert!(md.contains("| null PV hypercall: microhv instructions per round trip | 150 instructions | 150 instructions | yes |"), "{md}");
+        assert_eq!(timestamp(0), "19700101-000000");
+        assert!(md.contains("| hypervisor state per domain (microhv's heap, from the 64-domain run) | 650 bytes | 16384 bytes | yes |"), "{md}");
+        assert!(md.contains("| int_round_trip | 500.0 |"), "{md}");
+        assert!(md.contains("| null PV hypercall as a multiple of the ring-0 interrupt round trip (the native floor) | 0.40 x | 2 x | yes |"), "{md}");
+        assert_eq!(timestamp(1_796_202_061), "20261202-090101");
+    }
 }

@@ -45,6 +45,10 @@ impl Segment {
     pub fn len(&self) -> usize {
         (self.last - self.first + 1) as usize * BLK_SECTOR_SIZE as usize
     }
+    /// Never: a validated segment covers at least one sector.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// A request that passed [`validate`].

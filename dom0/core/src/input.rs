@@ -82,6 +82,9 @@ impl InputRouter {
             }
             match self.target() {
                 Some(_) => pending.push(if b == b'\r' { b'\n' } else { b }),
+                // Not collapsed into a match guard: an empty line's CR/LF
+                // must stop here, not fall through to the other arms.
+                #[allow(clippy::collapsible_match)]
                 None => match b {
                     b'\r' | b'\n' => {
                         if !self.line.is_empty() {

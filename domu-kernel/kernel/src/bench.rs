@@ -105,6 +105,7 @@ fn switches(k: u64, n: usize) {
     let c0 = counters();
     for _ in 0..n {
         let t0 = time::now_ns();
+        // SAFETY: no pointer arguments.
         let _ = unsafe { hc::sched_yield() };
         samples.push((time::now_ns() - t0) / k);
     }
@@ -126,13 +127,16 @@ pub fn run(si: &StartInfo, spare_va: u64) {
     // 1. The cheapest hypercall there is.
     // SAFETY: (all hypercalls here) no pointer arguments unless noted.
     measure("null_hypercall", n, || {
+        // SAFETY: no pointer arguments.
         let _ = unsafe { hc::version(VERSION_ABI) };
     });
     count += 1;
     // 2. Privileged operations a kernel needs often.
     measure("set_timer", n, || {
+        // SAFETY: no pointer arguments.
         let _ = unsafe { hc::set_timer(time::now_ns() + 1_000_000_000) };
     });
+    // SAFETY: no pointer arguments.
     let _ = unsafe { hc::set_timer(0) };
     measure("read_time", n, || {
         core::hint::black_box(time::now_ns());
@@ -187,8 +191,10 @@ pub fn run(si: &StartInfo, spare_va: u64) {
         for _ in 0..n {
             let before = EVENTS.load(Ordering::SeqCst);
             let deadline = time::now_ns() + 200_000;
+            // SAFETY: no pointer arguments.
             let _ = unsafe { hc::set_timer(deadline) };
             while EVENTS.load(Ordering::SeqCst) == before {
+                // SAFETY: no pointer arguments.
                 let _ = unsafe { hc::sched_block() };
             }
             samples.push(LAST_EVENT_NS.load(Ordering::SeqCst).saturating_sub(deadline));
@@ -200,7 +206,9 @@ pub fn run(si: &StartInfo, spare_va: u64) {
 
     // 6. Event channel: send to ourselves, until the upcall handler runs.
     let me = microhv_guest::DomId(si.domid);
+    // SAFETY: no pointer arguments.
     let ports = unsafe { hc::evtchn_alloc_unbound(me) }
+        // SAFETY: no pointer arguments.
         .and_then(|a| unsafe { hc::evtchn_bind_interdomain(me, a) }.map(|b| (a as u32, b as u32)));
     if let Ok((a, b)) = ports {
         events::set_handler(a, on_event);
@@ -212,6 +220,7 @@ pub fn run(si: &StartInfo, spare_va: u64) {
         for _ in 0..n {
             let before = EVENTS.load(Ordering::SeqCst);
             let t0 = time::now_ns();
+            // SAFETY: no pointer arguments.
             let _ = unsafe { hc::evtchn_send(u64::from(b)) };
             while EVENTS.load(Ordering::SeqCst) == before {
                 core::hint::spin_loop();
@@ -269,6 +278,7 @@ pub fn run(si: &StartInfo, spare_va: u64) {
     // 9. Yield (the scheduler's entry and exit, switching when another
     // domain is runnable).
     measure("sched_yield", n, || {
+        // SAFETY: no pointer arguments.
         let _ = unsafe { hc::sched_yield() };
     });
     count += 1;

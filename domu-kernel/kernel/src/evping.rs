@@ -92,9 +92,10 @@ impl Pinger {
     /// One round trip: send, and block until the answer's handler has run.
     pub fn round_trip(&self) {
         let before = REPLIES.load(Ordering::SeqCst);
-        // SAFETY: (both) no pointer arguments.
+        // SAFETY: no pointer arguments.
         let _ = unsafe { hc::evtchn_send(u64::from(self.port)) };
         while REPLIES.load(Ordering::SeqCst) == before {
+            // SAFETY: no pointer arguments.
             let _ = unsafe { hc::sched_block() };
         }
     }

@@ -1080,8 +1080,8 @@ mod bench {
         let n = if quick { 200 } else { N_MAX };
         let mut count = 0;
         println!("bench: {} benchmarks, {n} samples each", if hybrid { "PVHVM" } else { "HVM" });
-        // SAFETY: (VMCALLs below) no pointer arguments.
         measure("null_hypercall", n, || {
+            // SAFETY: no pointer arguments.
             let _ = unsafe { vmcall(nr::VERSION, [0, 0, 0]) };
         });
         measure("read_time", n, || {
@@ -1126,9 +1126,11 @@ mod bench {
             EVTCHN_VECTOR.store(leaf[1] as u64, Ordering::Relaxed);
             SHARED_INFO.store((leaf[2] as u64) << 12, Ordering::Relaxed);
             let me = leaf[3] as u64;
-            // SAFETY: (VMCALLs) no pointer arguments.
+            // SAFETY: no pointer arguments.
             let p1 = unsafe { vmcall(nr::EVTCHN_ALLOC_UNBOUND, [me, 0, 0]) };
+            // SAFETY: no pointer arguments.
             let p2 = unsafe { vmcall(nr::EVTCHN_BIND_INTERDOMAIN, [me, p1 as u64, 0]) };
+            // SAFETY: no pointer arguments.
             unsafe { vmcall(nr::EVTCHN_UNMASK, [p1 as u64, 0, 0]) };
             // SAFETY: our vcpu_info in our shared_info page: events on.
             unsafe { core::ptr::addr_of_mut!((*vcpu0()).evtchn_upcall_mask).write_volatile(0) };

@@ -130,7 +130,7 @@ impl BlkFront {
     pub fn start(&mut self, op: u8, sector: u64, buf: &mut [u8]) -> Result<Pending, Errno> {
         let va = buf.as_mut_ptr() as u64;
         let len = buf.len() as u64;
-        if va % 4096 != 0 || len == 0 || len % BLK_SECTOR_SIZE != 0 || len.div_ceil(4096) > BLK_MAX_SEGMENTS as u64 {
+        if !va.is_multiple_of(4096) || len == 0 || !len.is_multiple_of(BLK_SECTOR_SIZE) || len.div_ceil(4096) > BLK_MAX_SEGMENTS as u64 {
             return Err(Errno::EINVAL);
         }
         if self.ring.free_requests() == 0 {

@@ -141,7 +141,7 @@ pub struct SharedPage(pub *mut u8);
 
 impl shared_abi::ring::SharedMem for SharedPage {
     fn read_u32(&self, off: usize) -> u32 {
-        assert!(off % 4 == 0 && off + 4 <= 4096);
+        assert!(off.is_multiple_of(4) && off + 4 <= 4096);
         core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
         // SAFETY: in-bounds, aligned read of a page this guest has mapped.
         let v = unsafe { (self.0.add(off) as *const u32).read_volatile() };
@@ -149,7 +149,7 @@ impl shared_abi::ring::SharedMem for SharedPage {
         v
     }
     fn write_u32(&mut self, off: usize, v: u32) {
-        assert!(off % 4 == 0 && off + 4 <= 4096);
+        assert!(off.is_multiple_of(4) && off + 4 <= 4096);
         core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
         // SAFETY: as above, for writing (the page is mapped writable).
         unsafe { (self.0.add(off) as *mut u32).write_volatile(v) };

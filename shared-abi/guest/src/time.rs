@@ -14,7 +14,7 @@ pub fn now_ns() -> u64 {
         let v1 = info.time_version();
         let t: VcpuTime = info.time();
         let ns = t.ns_at(rdtsc());
-        if v1 % 2 == 0 && info.time_version() == v1 {
+        if v1.is_multiple_of(2) && info.time_version() == v1 {
             return ns;
         }
     }
