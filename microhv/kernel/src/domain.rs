@@ -671,16 +671,20 @@ pub fn guest_entry(frame: &mut TrapFrame) {
     schedule(frame, force);
 }
 
-/// Hypercalls that cannot wake, block or end anyone but the caller, nor
-/// change a timer: after them the scheduler would pick the same vCPU with
-/// the same deadline. (`iret` and `evtchn_unmask` may make an upcall due for
-/// the caller itself: `fast_return` checks for that.)
+/// Hypercalls that cannot block or end anyone, nor change a timer: after
+/// them the scheduler would pick the same vCPU with the same deadline.
+/// `evtchn_send` may wake another vCPU, but a wake-up inside a hypercall
+/// does not preempt the caller (the woken vCPU runs next, when the caller's
+/// slice ends or it blocks), so the scheduler would keep the caller too.
+/// (`iret`, `evtchn_unmask` and `evtchn_send` may make an upcall due for the
+/// caller itself: `fast_return` delivers it.)
 fn keeps_schedule(nr: u64) -> bool {
     use shared_abi::hypercall::nr::*;
     matches!(
         nr,
         VERSION | MEMORY_POPULATE | MEMORY_RELEASE | MEMORY_QUERY | MMU_UPDATE | PIN_TABLE | UNPIN_TABLE | SET_PT_BASE | INVLPG
             | SET_TRAP_TABLE | SET_CALLBACK | IRET | STACK_SWITCH | EVTCHN_BIND_VIRQ | EVTCHN_ALLOC_UNBOUND | EVTCHN_STATUS | EVTCHN_UNMASK
+            | EVTCHN_SEND
             | GRANT_ACCESS | GRANT_END | GRANT_MAP | GRANT_UNMAP | GRANT_COPY | DOMCTL_LIST | DOMCTL_STATS | DOMCTL_GET_FRAMES
             | DOMCTL_MAP | DOMCTL_UNMAP | DOMCTL_MODULES | DMA_POPULATE | DOMAIN_COUNTERS
     )
@@ -688,22 +692,33 @@ fn keeps_schedule(nr: u64) -> bool {
 
 /// Returns straight to the vCPU that entered, skipping the scheduler pass,
 /// when that pass could only decide the same: nothing is due before the
-/// deadline armed on the way in, no device line waits, no upcall is due,
-/// and the vCPU is still runnable. False: take the full path.
-/// `now` is the time of the entry: a deadline that passed while the call
-/// ran is still caught, as the APIC timer armed for it fires at once.
-fn fast_return(hv: &mut Hv, cur: usize, frame: &mut TrapFrame, now: u64, only_rax: bool) -> bool {
+/// deadline armed on the way in, no device line waits, and the vCPU is
+/// still runnable. A due upcall is delivered here, as the pass would.
+/// False: take the full path. `now` is the time of the entry: a deadline
+/// that passed while the call ran is still caught, as the APIC timer armed
+/// for it fires at once.
+fn fast_return(hv: &mut Hv, cur: usize, frame: &mut TrapFrame, now: u64, mut only_rax: bool) -> bool {
     let Some(deadline) = hv.armed_deadline else { return false };
     let d = &hv.domains[cur];
     if now >= deadline
         || crate::irq::has_pending()
         || d.ended.is_some()
         || d.paused
-        || d.events_need_delivery()
         || !matches!(hv.sched.state(VcpuId(cur)), Some(microhv_core::sched::RunState::Runnable))
     {
         return false;
     }
+    // The same upcall delivery as at the end of `schedule`; a failure there
+    // ends the domain, so leave that to the full path.
+    if d.vcpu.callback != 0 && d.events_need_delivery() {
+        let cb = d.vcpu.callback;
+        if bounce(hv, cur, cb, None).is_err() {
+            return false;
+        }
+        hv.domains[cur].counters.upcalls += 1;
+        only_rax = false;
+    }
+    let d = &hv.domains[cur];
     if only_rax {
         frame.rax = d.vcpu.regs.rax;
     } else {
