@@ -373,6 +373,8 @@ impl<P: Ports> Chan<'_, P> {
         for (reg, v) in tf.writes() {
             self.ports.write8(self.io + reg, v);
         }
+        // Status is valid 400 ns after a command (BSY may not be up yet).
+        self.settle();
         Ok(())
     }
 
@@ -434,6 +436,8 @@ impl<P: Ports> AtaDisk<P> {
                 for s in chunk.chunks_mut(SECTOR_SIZE) {
                     ch.wait_data()?;
                     ch.ports.read_sector(ch.io + REG_DATA, s);
+                    // 400 ns before the status of the next sector is valid.
+                    ch.settle();
                 }
                 ch.wait_done()
             })?;
@@ -451,6 +455,8 @@ impl<P: Ports> AtaDisk<P> {
                 for s in chunk.chunks(SECTOR_SIZE) {
                     ch.wait_data()?;
                     ch.ports.write_sector(ch.io + REG_DATA, s);
+                    // 400 ns before the status of the next sector is valid.
+                    ch.settle();
                 }
                 ch.wait_done()
             })?;
@@ -503,6 +509,7 @@ fn identify<P: Ports>(ch: &mut Chan<'_, P>, drive: Drive) -> Result<Identity, At
     for (reg, v) in TaskFile::plain(CMD_IDENTIFY, drive).writes() {
         ch.ports.write8(ch.io + reg, v);
     }
+    ch.settle();
     if ch.ports.read8(ch.io + REG_STATUS) == 0 {
         return Err(AtaError::NoDevice);
     }

@@ -299,7 +299,15 @@ macro_rules! println {
     }};
 }
 
+/// Powers off with exit code `code`, once the UART has sent everything
+/// (LSR bit 6, transmitter empty; at most 3 s), as a driver that flushes
+/// before power-off would.
 fn power_off(code: u8) -> ! {
+    let t0 = rdtsc();
+    let limit = 3_000 * TSC_KHZ.load(Ordering::Relaxed).max(1);
+    while inb(0x3fd) & 0x40 == 0 && rdtsc().wrapping_sub(t0) < limit {
+        core::hint::spin_loop();
+    }
     outb(0xf4, code);
     loop {
         // SAFETY: only reached if the power-off port did nothing.
@@ -786,6 +794,11 @@ fn start_runtime(name: &str) -> bool {
     let leaf = cpuid(0x4000_0002);
     if leaf[0] == 0 {
         println!("no store ring announced (CPUID 0x40000002): no split drivers");
+        return false;
+    }
+    // Our page tables map the first 1 GiB only.
+    if (leaf[0] as u64) << 12 >= 1 << 30 {
+        println!("store ring at gfn {:#x} lies above the 1 GiB this guest maps: no split drivers", leaf[0]);
         return false;
     }
     let hv = cpuid(0x4000_0001);

@@ -1092,6 +1092,11 @@ pub fn schedule(frame: &mut TrapFrame, mut force: bool) {
         // An HVM vCPU runs here, in VMX non-root mode, until an exit needs
         // the scheduler; then the loop picks again.
         if hv.domains[n].hvm.is_some() {
+            // The PV domain whose entry brought us here is done being
+            // handled: charge it now, not with the HVM run that follows.
+            if let Some((i, t)) = hv.entered.take() {
+                hv.domains[i].counters.hv_ns += time::nanos_since_boot().saturating_sub(t);
+            }
             let deadline = [earliest_timer(hv), hv.sched.next_wakeup()].into_iter().flatten().fold(hv.slice_end, u64::min);
             apic::arm_oneshot(deadline.saturating_sub(now).max(1000));
             force = crate::hvm::run(hv, n);

@@ -885,6 +885,24 @@ fn offer_console(hv: &mut Hv, id: DomId, console: Mfn, store: Mfn) -> Result<sha
     Ok(shared_abi::hypercall::DomainChannels { console_gref, console_port, store_gref, store_port })
 }
 
+/// Bytes of UART output not yet taken by Dom0's console backend: what
+/// waits in microhv plus what is unread in the ring (nothing while Dom0 is
+/// not connected: then microhv prints the output itself, at once). Moves
+/// waiting output into the ring first.
+fn console_backlog(hv: &mut Hv, idx: usize) -> usize {
+    console_out(hv, idx, &[]);
+    let d = &hv.domains[idx];
+    let Some(h) = d.hvm.as_ref() else { return 0 };
+    let connected = d.channels.is_some_and(|ch| {
+        matches!(hv.evtchn.status(d.id, ch.console_port), Ok(microhv_core::evtchn::ChannelState::Interdomain { .. }))
+    });
+    if !connected {
+        return h.console_pending.len();
+    }
+    let console = d.p2m[d.p2m.len() - 2];
+    h.console_pending.len() + shared_abi::console::out_pending(&domain::FramePage(console)).unwrap_or(0)
+}
+
 /// Moves UART output into the console ring and tells Dom0; prints it
 /// directly while Dom0's backend is not connected (its port not bound yet),
 /// and when the backlog grows too long.
@@ -1208,6 +1226,16 @@ fn run_once(hv: &mut Hv, idx: usize) -> bool {
         h.platform.stats.external += 1;
         Action::ExternalInterrupt
     } else {
+        // A read of the UART's line status: move waiting output on into
+        // the console ring first, then let LSR show what is still waiting.
+        if let VmExit::IoInstruction { port, write: false, .. } = exit {
+            if port == platform::uart::COM1_BASE + 5 {
+                let backlog = console_backlog(hv, idx);
+                if let Some(h) = hv.domains[idx].hvm.as_mut() {
+                    h.platform.uart.tx_backlog = backlog;
+                }
+            }
+        }
         let d = &mut hv.domains[idx];
         d.counters.entries += 1;
         d.counters.vm_exits += 1;

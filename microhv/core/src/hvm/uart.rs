@@ -1,15 +1,23 @@
 //! The HVM guest's 16550 UART at 0x3f8 (COM1): enough of the register set
 //! for a polling driver. Bytes written to THR become console output (the
-//! kernel prints them with the domain's name); the transmitter is always
-//! empty; there is no input and no UART interrupt.
+//! kernel prints them with the domain's name); there is no input and no
+//! UART interrupt. The line status follows the console's backlog
+//! ([`Uart16550::tx_backlog`], set by the kernel): THRE clears while more
+//! than [`TX_ROOM`] bytes wait (a polling driver waits, as for a real FIFO
+//! that is full), TEMT while any byte waits (a guest that waits for it
+//! before powering off loses none of its output).
 
 /// First port of the emulated UART (COM1).
 pub const COM1_BASE: u16 = 0x3f8;
 
 const LCR_DLAB: u8 = 1 << 7;
 const MCR_LOOPBACK: u8 = 1 << 4;
-/// LSR: transmitter holding register empty, transmitter empty.
-const LSR_IDLE: u8 = 0x60;
+/// LSR: transmitter holding register empty.
+const LSR_THRE: u8 = 0x20;
+/// LSR: transmitter empty (nothing waits to be sent).
+const LSR_TEMT: u8 = 0x40;
+/// The backlog (bytes) above which THRE reads as clear.
+pub const TX_ROOM: usize = 6144;
 /// LSR: data ready (only in loopback mode, after a write).
 const LSR_DR: u8 = 0x01;
 
@@ -25,6 +33,8 @@ pub struct Uart16550 {
     fcr: u8,
     /// Loopback: the last byte written, readable once from RBR.
     loopback: Option<u8>,
+    /// Bytes written but not yet sent on (the kernel keeps this current).
+    pub tx_backlog: usize,
 }
 
 impl Uart16550 {
@@ -44,7 +54,11 @@ impl Uart16550 {
             2 => 0x01 | if self.fcr & 1 != 0 { 0xc0 } else { 0 },
             3 => self.lcr,
             4 => self.mcr,
-            5 => LSR_IDLE | if self.loopback.is_some() { LSR_DR } else { 0 },
+            5 => {
+                let thre = if self.tx_backlog <= TX_ROOM { LSR_THRE } else { 0 };
+                let temt = if self.tx_backlog == 0 { LSR_TEMT } else { 0 };
+                thre | temt | if self.loopback.is_some() { LSR_DR } else { 0 }
+            }
             // MSR: in loopback the outputs come back as inputs; otherwise
             // carrier, data set ready and clear to send are up.
             6 if self.mcr & MCR_LOOPBACK != 0 => {
@@ -86,6 +100,18 @@ impl Uart16550 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn line_status_follows_the_backlog() {
+        let mut u = Uart16550::new();
+        assert_eq!(u.read(5) & 0x60, 0x60, "idle: THR and transmitter empty");
+        u.tx_backlog = 10;
+        assert_eq!(u.read(5) & 0x60, 0x20, "bytes waiting: room, not empty");
+        u.tx_backlog = TX_ROOM + 1;
+        assert_eq!(u.read(5) & 0x60, 0x00, "too many waiting: a polling driver waits");
+        u.tx_backlog = 0;
+        assert_eq!(u.read(5) & 0x60, 0x60);
+    }
     use super::*;
 
     #[test]
