@@ -198,7 +198,7 @@ pub fn targets(r: &Report) -> Vec<Target> {
             measured: hv_per_op("event_send_to_upcall"),
             limit: 300.0,
             unit: "instructions",
-            if_missed: "the path is two hypercalls (send, then the handler's iret) and an upcall bounce; the send takes the full scheduler pass (it may wake another domain) and the bounce walks the guest's page tables to write the frame; a fast path for a send that wakes nobody else, and a cached translation of the guest's kernel stack, would reach it",
+            if_missed: "the path is two hypercalls (send, then the handler's iret) and an upcall bounce, all on the fast return now; what remains is the entry path twice, the event-channel lookup, and the bounce, which walks the guest's page tables to write its frame and iret reads it back the same way; a cached translation of the guest's kernel stack and a lighter entry path would reach it",
             at_least: false,
         },
         Target {
