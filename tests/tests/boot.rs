@@ -57,6 +57,17 @@ fn page_fault_in_the_hypervisor_gives_a_crash_report_and_failing_exit() {
 }
 
 #[test]
+fn a_stack_overflow_in_the_hypervisor_hits_the_guard_page_and_is_reported() {
+    let r = boot("microhv.fault=stack-overflow");
+    let out = &r.serial;
+    // A double fault on its own stack (the #PF could not be pushed), with a
+    // full report: not a silent corruption, not a reset.
+    assert_eq!(r.outcome, Outcome::Crash, "serial output:\n{out}");
+    assert_contains(out, &["microhv CRASH: exception 8 (#DF double fault)", "microhv's stack overflowed: CR2=0x", "is its guard page", "R15=0x"]);
+    assert!(!out.contains("without reaching the guard page"), "{out}");
+}
+
+#[test]
 fn text_section_is_not_writable() {
     let r = boot("microhv.fault=write-text");
     let out = &r.serial;

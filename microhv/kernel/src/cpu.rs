@@ -26,9 +26,11 @@ pub const IST_DOUBLE_FAULT: u8 = 2;
 pub const IST_MACHINE_CHECK: u8 = 3;
 
 /// The NMI, double-fault and machine-check handlers only print a crash
-/// report and halt: 8 KiB each is ample (each is mapped in every guest's
-/// entry area, so they are kept small).
-const IST_STACK_SIZE: usize = 8 * 1024;
+/// report and halt: 4 KiB each holds that, in debug builds too (the boot
+/// test `a_stack_overflow_in_the_hypervisor_hits_the_guard_page_and_is_reported`
+/// prints a whole report from the double-fault stack). Each is mapped in
+/// every guest's entry area, so they are kept small.
+const IST_STACK_SIZE: usize = 4 * 1024;
 
 /// The I/O permission bitmap covers ports 0..0x1000 (every port a Dom0
 /// device needs: COM1, PCI configuration, ATA); the CPU denies any port past

@@ -29,6 +29,10 @@ pub fn exception(f: &TrapFrame) -> ! {
             if e & 8 != 0 { ", reserved bit set" } else { "" },
         );
     }
+    let guard = crate::stackwatch::guard_page();
+    if matches!(f.vector, 8 | 14) && (guard..guard + 4096).contains(&cr2) {
+        let _ = writeln!(c, "    microhv's stack overflowed: CR2={cr2:#x} is its guard page (the stack starts at {:#x})", guard + 4096);
+    }
     let _ = writeln!(c, "    RIP={:#018x} CS={:#06x} RFLAGS={:#018x}", f.rip, f.cs, f.rflags);
     let _ = writeln!(c, "    RSP={:#018x} SS={:#06x}", f.rsp, f.ss);
     let _ = writeln!(

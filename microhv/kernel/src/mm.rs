@@ -173,7 +173,14 @@ pub fn init(map: &MemoryMap, modules: &RangeSet<{ microhv_core::multiboot::MAX_M
     pt.map_range(layout.entry_text.start, layout.entry_text.start, layout.entry_text.len(), PteFlags::empty())?;
     pt.map_range(layout.entry_data.start, layout.entry_data.start, layout.entry_data.len(), rw)?;
     pt.map_range(layout.entry_stack.start, layout.entry_stack.start, layout.entry_stack.len(), rw)?;
-    pt.map_range(layout.data.start, layout.data.start, layout.data.len(), rw)?;
+    // .data and .bss, except the stack's guard page (see stackwatch.rs).
+    let guard = crate::stackwatch::guard_page();
+    if layout.data.start <= guard && guard + PAGE_SIZE <= layout.data.end {
+        pt.map_range(layout.data.start, layout.data.start, guard - layout.data.start, rw)?;
+        pt.map_range(guard + PAGE_SIZE, guard + PAGE_SIZE, layout.data.end - guard - PAGE_SIZE, rw)?;
+    } else {
+        pt.map_range(layout.data.start, layout.data.start, layout.data.len(), rw)?;
+    }
     // The entry-area alias in the last PML4 slot, shared with every guest:
     // text RX, data read-only, stacks RW.
     let alias = crate::trap::alias_of;

@@ -147,8 +147,21 @@ pub fn deliberate_fault(kind: &str) {
             unsafe { core::arch::asm!("ud2") };
         }
         "panic" => panic!("deliberate panic requested on the command line"),
-        other => log::warn!("unknown fault '{other}' (pagefault|write-text|ud|panic); ignored"),
+        "stack-overflow" => {
+            let n = overflow(0);
+            log::error!("recursed {n} times without reaching the guard page");
+        }
+        other => log::warn!("unknown fault '{other}' (pagefault|write-text|ud|panic|stack-overflow); ignored"),
     }
+}
+
+/// Recurses, 512 bytes of stack a level, until the stack runs into its
+/// guard page (the `stack-overflow` deliberate fault).
+#[inline(never)]
+#[allow(unconditional_recursion)]
+fn overflow(depth: u64) -> u64 {
+    let frame = core::hint::black_box([depth; 64]);
+    overflow(depth + 1) + frame[depth as usize % 64]
 }
 
 /// Vector of the baseline's ring-0 interrupt round trip (DPL 0: a guest

@@ -1,6 +1,10 @@
-//! Stack high-water marks. At boot the unused part of microhv's stack is
-//! filled with a pattern; at power-off microhv reports how deep the stack
-//! went, the evidence behind its size (`boot.rs`, `.bss`).
+//! microhv's stack: its high-water mark and its guard page. At boot the
+//! unused part of the stack is filled with a pattern; at power-off microhv
+//! reports how deep the stack went, the evidence behind its size (`boot.rs`,
+//! `.bss`). The page below the stack (the last boot page-directory page,
+//! unused once microhv's own tables are loaded) is left unmapped, so an
+//! overflow faults (a double fault, on its own IST stack) instead of
+//! silently overwriting other data.
 
 use core::ptr::{addr_of, read_volatile, write_volatile};
 
@@ -42,4 +46,9 @@ pub fn high_water() -> (u64, u64) {
         a += 8;
     }
     (top - a, top - bottom)
+}
+
+/// The unmapped page right below the stack.
+pub fn guard_page() -> u64 {
+    bounds().0 - 4096
 }
