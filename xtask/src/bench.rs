@@ -417,16 +417,11 @@ pub fn run_bochs(images: &crate::Images, quick: bool) -> Result<Vec<Bench>> {
     let q = if quick { " quick" } else { "" };
     // The PV and the PVHVM guest each have an echo peer (event ping-pong)
     // and a virtual disk on Dom0's ATA disk (4 KiB reads).
-    std::fs::write(
-        images.dir.join("bench-pv.toml"),
-        format!("name = \"bench-pv\"\nkernel = \"domu.elf\"\nmemory = \"8M\"\ncmdline = \"bench{q} console-kib=4\"\nkind = \"pv\"\ndisks = [\"xvda:2048:16384\"]\npeer = \"bench-pv-echo\"\n"),
-    )?;
-    std::fs::write(images.dir.join("bench-pv-echo.toml"), echo_config("bench-pv-echo", "bench-pv", false))?;
-    std::fs::write(
-        images.dir.join("bench-pvhvm.toml"),
-        format!("name = \"bench-pvhvm\"\nkernel = \"domu-hvm.elf\"\nmemory = \"8M\"\ncmdline = \"name=bench-pvhvm pvhvm bench{q} settle=20000\"\nkind = \"auto\"\ndisks = [\"xvda:32768:16384\"]\npeer = \"bench-pvhvm-echo\"\n"),
-    )?;
-    std::fs::write(images.dir.join("bench-pvhvm-echo.toml"), echo_config("bench-pvhvm-echo", "bench-pvhvm", true))?;
+    let dir = &images.dir;
+    GuestConfig::pv("bench-pv", &format!("bench{q} console-kib=4")).disk(2048, 16384).peer("bench-pv-echo").write(dir, "bench-pv.toml")?;
+    echo_config("bench-pv-echo", "bench-pv", false).write(dir, "bench-pv-echo.toml")?;
+    GuestConfig::hybrid("bench-pvhvm", &format!("bench{q} settle=20000")).disk(32768, 16384).peer("bench-pvhvm-echo").write(dir, "bench-pvhvm.toml")?;
+    echo_config("bench-pvhvm-echo", "bench-pvhvm", true).write(dir, "bench-pvhvm-echo.toml")?;
     let mut run = crate::BochsRun::new(images);
     run.modules = vec![
         "dom0.elf name=dom0 toolstack mem=32M".into(),
@@ -486,22 +481,65 @@ fn commit() -> String {
         .unwrap_or_default()
 }
 
-/// The configuration of the benchmark domain.
-pub fn bench_config(quick: bool) -> String {
-    format!(
-        "# The benchmark guest (written by cargo xtask bench).\nname = \"bench\"\nkernel = \"domu.elf\"\nmemory = \"8M\"\ncmdline = \"bench{}\"\nkind = \"pv\"\ndisks = [\"xvda:2048:16384\"]\npeer = \"bench-echo\"\n",
-        if quick { " quick" } else { "" }
-    )
+/// A domain configuration for Dom0's toolstack, written by `cargo xtask
+/// bench` next to the images: the PV guest (`domu.elf`) or the HVM image as
+/// a hybrid guest (`domu-hvm.elf` with `pvhvm`), 8 MiB unless changed.
+pub struct GuestConfig {
+    name: String,
+    kernel: &'static str,
+    memory: &'static str,
+    cmdline: String,
+    kind: &'static str,
+    disk: Option<String>,
+    peer: Option<String>,
+}
+
+impl GuestConfig {
+    pub fn pv(name: &str, cmdline: &str) -> GuestConfig {
+        GuestConfig { name: name.into(), kernel: "domu.elf", memory: "8M", cmdline: cmdline.into(), kind: "pv", disk: None, peer: None }
+    }
+    /// The HVM image as a hybrid guest (it learns its name from `name=`).
+    pub fn hybrid(name: &str, cmdline: &str) -> GuestConfig {
+        GuestConfig { kernel: "domu-hvm.elf", kind: "auto", cmdline: format!("name={name} pvhvm {cmdline}"), ..GuestConfig::pv(name, "") }
+    }
+    pub fn memory(mut self, m: &'static str) -> Self {
+        self.memory = m;
+        self
+    }
+    /// One virtual disk, `xvda`, of `sectors` from `start` of the real disk.
+    pub fn disk(mut self, start: u64, sectors: u64) -> Self {
+        self.disk = Some(format!("xvda:{start}:{sectors}"));
+        self
+    }
+    /// The domain Dom0 pairs this one with (the event ping-pong's echo).
+    pub fn peer(mut self, peer: &str) -> Self {
+        self.peer = Some(peer.into());
+        self
+    }
+    pub fn toml(&self) -> String {
+        let mut t = format!(
+            "# Written by cargo xtask bench.\nname = \"{}\"\nkernel = \"{}\"\nmemory = \"{}\"\ncmdline = \"{}\"\nkind = \"{}\"\n",
+            self.name, self.kernel, self.memory, self.cmdline, self.kind
+        );
+        if let Some(d) = &self.disk {
+            t.push_str(&format!("disks = [\"{d}\"]\n"));
+        }
+        if let Some(p) = &self.peer {
+            t.push_str(&format!("peer = \"{p}\"\n"));
+        }
+        t
+    }
+    /// Writes the configuration as `<file>` in `dir`.
+    pub fn write(&self, dir: &std::path::Path, file: &str) -> Result<()> {
+        std::fs::write(dir.join(file), self.toml()).with_context(|| format!("writing {file}"))
+    }
 }
 
 /// The other side of the event ping-pong benchmark, for a measuring guest
 /// named `peer`: the PV guest, or (`hybrid`) the HVM image as a PVHVM guest.
-pub fn echo_config(name: &str, peer: &str, hybrid: bool) -> String {
-    let (kernel, cmdline) = if hybrid { ("domu-hvm.elf", format!("name={name} pvhvm echo settle=0")) } else { ("domu.elf", "echo".to_string()) };
-    format!(
-        "# The echo side of the event ping-pong benchmark (written by cargo xtask bench).\nname = \"{name}\"\nkernel = \"{kernel}\"\nmemory = \"8M\"\ncmdline = \"{cmdline}\"\nkind = \"{}\"\npeer = \"{peer}\"\n",
-        if hybrid { "auto" } else { "pv" }
-    )
+fn echo_config(name: &str, peer: &str, hybrid: bool) -> GuestConfig {
+    let c = if hybrid { GuestConfig::hybrid(name, "echo settle=0") } else { GuestConfig::pv(name, "echo") };
+    c.peer(peer)
 }
 
 /// The size microhv printed for its own image (`memory: image a..b (N KiB`).
@@ -514,11 +552,8 @@ pub fn image_kib(serial: &str) -> Option<u64> {
 /// The scheduler benchmark with `k` runnable domains: the benchmark guest
 /// and `k - 1` spinners that Dom0 spawns (`spawn spin.toml <k-1>`).
 pub fn run_switch_qemu(images: &crate::Images, k: u32, quick: bool, accel: crate::Accel) -> Result<(Vec<Bench>, Option<u64>)> {
-    std::fs::write(
-        images.dir.join("bench-switch.toml"),
-        format!("name = \"bench\"\nkernel = \"domu.elf\"\nmemory = \"8M\"\ncmdline = \"bench switch-k={k}{}\"\nkind = \"pv\"\n", if quick { " quick" } else { "" }),
-    )?;
-    std::fs::write(images.dir.join("spin.toml"), "name = \"spin\"\nkernel = \"domu.elf\"\nmemory = \"2M\"\ncmdline = \"spin-ms=1500\"\nkind = \"pv\"\n")?;
+    GuestConfig::pv("bench", &format!("bench switch-k={k}{}", if quick { " quick" } else { "" })).write(&images.dir, "bench-switch.toml")?;
+    GuestConfig::pv("spin", "spin-ms=1500").memory("2M").write(&images.dir, "spin.toml")?;
     let mut run = crate::QemuRun::new(images);
     run.modules = vec!["dom0.elf name=dom0 toolstack mem=32M".into(), "domu.elf".into(), "bench-switch.toml".into(), "spin.toml manual".into()];
     // TCG: -icount, exact instruction counts. KVM (hardware
@@ -556,8 +591,8 @@ pub fn state_per_domain(serial: &str) -> Option<u64> {
 
 /// Boots Dom0 + the benchmark guest (PV) under QEMU TCG with `-icount`.
 pub fn run_pv_qemu(images: &crate::Images, quick: bool, accel: crate::Accel) -> Result<(Report, String)> {
-    std::fs::write(images.dir.join("bench.toml"), bench_config(quick))?;
-    std::fs::write(images.dir.join("bench-echo.toml"), echo_config("bench-echo", "bench", false))?;
+    GuestConfig::pv("bench", if quick { "bench quick" } else { "bench" }).disk(2048, 16384).peer("bench-echo").write(&images.dir, "bench.toml")?;
+    echo_config("bench-echo", "bench", false).write(&images.dir, "bench-echo.toml")?;
     let disk = crate::project_root().join("target").join("bench").join("disk.img");
     crate::ensure_disk(&disk, true)?;
     let mut run = crate::QemuRun::new(images);
@@ -664,6 +699,21 @@ mod tests {
         }
         assert_eq!(b["stats"]["median"], 200);
         assert_eq!(b["events"]["hypercalls"], 3);
+    }
+
+    #[test]
+    fn benchmark_configurations_are_ones_dom0_accepts() {
+        let pv = GuestConfig::pv("bench", "bench quick").disk(2048, 16384).peer("bench-echo").toml();
+        let c = dom0_core::config::parse("bench.toml", &pv).unwrap_or_else(|e| panic!("{e}\n{pv}"));
+        assert_eq!((c.name.as_str(), c.kernel.as_str(), c.cmdline.as_str()), ("bench", "domu.elf", "bench quick"));
+        assert_eq!((c.memory_pages, c.kind, c.peer.as_deref()), (2048, dom0_core::config::Kind::Pv, Some("bench-echo")));
+        assert_eq!((c.disks.len(), c.disks[0].start_sector, c.disks[0].sectors), (1, 2048, 16384));
+        let echo = echo_config("bench-pvhvm-echo", "bench-pvhvm", true).toml();
+        let c = dom0_core::config::parse("echo.toml", &echo).unwrap_or_else(|e| panic!("{e}\n{echo}"));
+        assert_eq!((c.kernel.as_str(), c.cmdline.as_str(), c.kind), ("domu-hvm.elf", "name=bench-pvhvm-echo pvhvm echo settle=0", dom0_core::config::Kind::Auto));
+        assert!(c.disks.is_empty());
+        let spin = dom0_core::config::parse("spin.toml", &GuestConfig::pv("spin", "spin-ms=1500").memory("2M").toml()).expect("spin");
+        assert_eq!((spin.memory_pages, spin.peer), (512, None));
     }
 
     #[test]

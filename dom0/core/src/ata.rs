@@ -428,38 +428,34 @@ impl<P: Ports> AtaDisk<P> {
 
     /// Reads `buf.len() / 512` sectors from `lba`.
     pub fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<(), AtaError> {
-        self.check_range(lba, buf.len())?;
-        for (k, chunk) in buf.chunks_mut(MAX_SECTORS_PER_COMMAND as usize * SECTOR_SIZE).enumerate() {
-            let at = lba + k as u64 * MAX_SECTORS_PER_COMMAND;
-            let tf = TaskFile::rw(CMD_READ_SECTORS, self.drive, at, (chunk.len() / SECTOR_SIZE) as u64, self.sectors())?;
-            self.command(&tf, |ch| {
-                for s in chunk.chunks_mut(SECTOR_SIZE) {
-                    ch.wait_data()?;
-                    ch.ports.read_sector(ch.io + REG_DATA, s);
-                    // 400 ns before the status of the next sector is valid.
-                    ch.settle();
-                }
-                ch.wait_done()
-            })?;
-        }
-        Ok(())
+        self.transfer(CMD_READ_SECTORS, lba, buf.len(), |ch, i| ch.ports.read_sector(ch.io + REG_DATA, &mut buf[i * SECTOR_SIZE..][..SECTOR_SIZE]))
     }
 
     /// Writes `data.len() / 512` sectors at `lba`.
     pub fn write_sectors(&mut self, lba: u64, data: &[u8]) -> Result<(), AtaError> {
-        self.check_range(lba, data.len())?;
-        for (k, chunk) in data.chunks(MAX_SECTORS_PER_COMMAND as usize * SECTOR_SIZE).enumerate() {
-            let at = lba + k as u64 * MAX_SECTORS_PER_COMMAND;
-            let tf = TaskFile::rw(CMD_WRITE_SECTORS, self.drive, at, (chunk.len() / SECTOR_SIZE) as u64, self.sectors())?;
+        self.transfer(CMD_WRITE_SECTORS, lba, data.len(), |ch, i| ch.ports.write_sector(ch.io + REG_DATA, &data[i * SECTOR_SIZE..][..SECTOR_SIZE]))
+    }
+
+    /// A PIO data command over `len` bytes from `lba`, in commands of at
+    /// most [`MAX_SECTORS_PER_COMMAND`] sectors: `sector(ch, i)` moves
+    /// sector `i` (counted from `lba`) when the device asks for it.
+    fn transfer(&mut self, cmd: u8, lba: u64, len: usize, mut sector: impl FnMut(&mut Chan<'_, P>, usize)) -> Result<(), AtaError> {
+        self.check_range(lba, len)?;
+        let total = len / SECTOR_SIZE;
+        let mut first = 0;
+        while first < total {
+            let n = (total - first).min(MAX_SECTORS_PER_COMMAND as usize);
+            let tf = TaskFile::rw(cmd, self.drive, lba + first as u64, n as u64, self.sectors())?;
             self.command(&tf, |ch| {
-                for s in chunk.chunks(SECTOR_SIZE) {
+                for i in first..first + n {
                     ch.wait_data()?;
-                    ch.ports.write_sector(ch.io + REG_DATA, s);
+                    sector(ch, i);
                     // 400 ns before the status of the next sector is valid.
                     ch.settle();
                 }
                 ch.wait_done()
             })?;
+            first += n;
         }
         Ok(())
     }

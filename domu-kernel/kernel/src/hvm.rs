@@ -364,15 +364,11 @@ extern "C" fn hvm_interrupt(f: &mut Frame) {
             }
             if v == EVTCHN_VECTOR.load(Ordering::Relaxed) && v != 0 {
                 LAST_EVENT_TSC.store(rdtsc(), Ordering::SeqCst);
-                if microhv_guest::try_start_info().is_some() {
-                    // microhv-guest's runtime is up: its upcall runs the
-                    // handlers (block frontend, store) and clears the bits.
-                    let before = microhv_guest::events::events_seen();
-                    microhv_guest::events::upcall();
-                    EVENTS.fetch_add(microhv_guest::events::events_seen() - before, Ordering::SeqCst);
-                } else {
-                    take_events();
-                }
+                // microhv-guest's upcall (started by `hybrid`, which also
+                // set the vector) runs the port handlers and clears the bits.
+                let before = microhv_guest::events::events_seen();
+                microhv_guest::events::upcall();
+                EVENTS.fetch_add(microhv_guest::events::events_seen() - before, Ordering::SeqCst);
             }
             apic_write(APIC_EOI, 0);
         }
@@ -629,10 +625,9 @@ fn attack(name: &str, which: &str) {
         // Hypercalls this guest may not make.
         "vmcall" => {
             for nr in [32u64, 11, 999, u64::MAX] {
-                let r: u64;
-                // SAFETY: VMCALL exits to microhv, which answers in RAX.
-                unsafe { asm!("vmcall", inlateout("rax") nr => r, in("rdi") 0, in("rsi") 0, in("rdx") 0) };
-                println!("attack vmcall: hypercall {nr:#x} -> {}", r as i64);
+                // SAFETY: no pointer arguments; microhv answers in RAX.
+                let r = unsafe { vmcall(nr, [0, 0, 0]) };
+                println!("attack vmcall: hypercall {nr:#x} -> {r}");
             }
             // Guest-physical pointers and frames that are not the guest's.
             use shared_abi::hypercall::nr;
@@ -741,11 +736,9 @@ fn attack(name: &str, which: &str) {
 /// # Safety
 /// Pointer arguments must point at memory of ours for the call's length.
 unsafe fn vmcall(nr: u64, a: [u64; 3]) -> i64 {
-    let r: u64;
-    // SAFETY: VMCALL exits to microhv, which only touches our memory as the
-    // caller promised.
-    unsafe { asm!("vmcall", inlateout("rax") nr => r, in("rdi") a[0], in("rsi") a[1], in("rdx") a[2], in("r10") 0, in("r8") 0) };
-    r as i64
+    // SAFETY: microhv-guest's primitive is VMCALL in this build (feature
+    // `hvm`); the caller's promise covers the arguments.
+    unsafe { microhv_guest::hypercall::raw(nr, [a[0], a[1], a[2], 0, 0]) }
 }
 
 fn vcpu0() -> *mut shared_abi::shared_info::VcpuInfo {
@@ -760,67 +753,59 @@ fn system_ns() -> u64 {
     t.ns_at(rdtsc())
 }
 
-/// The upcall: clear the pending flags and count the events.
-fn take_events() {
-    use shared_abi::shared_info::SharedInfo;
-    let si = SHARED_INFO.load(Ordering::Relaxed) as *mut SharedInfo;
-    // SAFETY: our shared_info page; microhv sets bits, we clear them, each
-    // word with a single atomic operation.
-    unsafe {
-        core::ptr::addr_of_mut!((*si).vcpu_info[0].evtchn_upcall_pending).write_volatile(0);
-        let sel = &*(core::ptr::addr_of_mut!((*si).vcpu_info[0].evtchn_pending_sel) as *const AtomicU64);
-        let words = sel.swap(0, Ordering::SeqCst);
-        for w in 0..64 {
-            if words & (1 << w) == 0 {
-                continue;
-            }
-            let pending = &*(core::ptr::addr_of_mut!((*si).evtchn_pending[w]) as *const AtomicU64);
-            let mask = core::ptr::addr_of!((*si).evtchn_mask[w]).read_volatile();
-            let mine = pending.fetch_and(mask, Ordering::SeqCst) & !mask;
-            EVENTS.fetch_add(mine.count_ones() as u64, Ordering::SeqCst);
-        }
+/// Makes this guest a hybrid: event upcalls on the vector CPUID announces,
+/// and microhv-guest's runtime started over VMCALL with a start_info filled
+/// in from CPUID (leaf 0x4000_0001: domain, vector, `shared_info`; leaf
+/// 0x4000_0002: the store ring, when there is one this guest maps). Returns
+/// leaf 0x4000_0001. Calling it again changes nothing.
+fn hybrid(name: &str) -> [u32; 4] {
+    use microhv_guest::StartInfo;
+    let hv = cpuid(0x4000_0001);
+    if microhv_guest::try_start_info().is_some() {
+        return hv;
     }
+    static mut SI: StartInfo = StartInfo::zeroed();
+    // SAFETY: written once here, before the runtime reads it (start_hvm
+    // below); the guest has one vCPU.
+    let si = unsafe { &mut *core::ptr::addr_of_mut!(SI) };
+    si.domid = hv[3] as u16;
+    si.nr_pages = MEM_END.load(Ordering::Relaxed) / 4096;
+    si.shared_info_va = (hv[2] as u64) << 12;
+    si.set_name(name);
+    let store = cpuid(0x4000_0002);
+    // Our page tables map the first 1 GiB only.
+    if store[0] != 0 && ((store[0] as u64) << 12) < 1 << 30 {
+        si.store_va = (store[0] as u64) << 12;
+        si.store_evtchn = store[1] as u64;
+    }
+    SHARED_INFO.store(si.shared_info_va, Ordering::Relaxed);
+    PVHVM.store(true, Ordering::Relaxed);
+    // SAFETY: `SI` is 'static and complete.
+    microhv_guest::start_hvm(unsafe { &*core::ptr::addr_of!(SI) });
+    // Last: from here on the vector's handler runs microhv-guest's upcall.
+    EVTCHN_VECTOR.store(hv[1] as u64, Ordering::Relaxed);
+    hv
 }
 
-/// Starts microhv-guest's runtime in a hybrid guest when microhv announces
-/// a store ring (CPUID leaf 0x4000_0002): a start_info filled in from CPUID,
-/// and a heap above the kernel and its modules. Then the PV guest's code
-/// (store client, block frontend, event handlers) runs here over VMCALL.
-fn start_runtime(name: &str) -> bool {
-    use microhv_guest::StartInfo;
-    if microhv_guest::try_start_info().is_some() {
+/// Starts the split drivers of a hybrid guest (store client, block
+/// frontend): a heap above the kernel and its modules, then a wait for
+/// Dom0's store. False when microhv announced no store ring this guest maps.
+fn start_drivers(name: &str) -> bool {
+    static STARTED: AtomicBool = AtomicBool::new(false);
+    if STARTED.load(Ordering::Relaxed) {
         return true;
     }
-    let leaf = cpuid(0x4000_0002);
-    if leaf[0] == 0 {
-        println!("no store ring announced (CPUID 0x40000002): no split drivers");
+    let si = { hybrid(name); microhv_guest::start_info() };
+    if si.store_va == 0 {
+        println!("no store ring this guest maps (CPUID 0x40000002): no split drivers");
         return false;
     }
-    // Our page tables map the first 1 GiB only.
-    if (leaf[0] as u64) << 12 >= 1 << 30 {
-        println!("store ring at gfn {:#x} lies above the 1 GiB this guest maps: no split drivers", leaf[0]);
-        return false;
-    }
-    let hv = cpuid(0x4000_0001);
-    EVTCHN_VECTOR.store(hv[1] as u64, Ordering::Relaxed);
-    SHARED_INFO.store((hv[2] as u64) << 12, Ordering::Relaxed);
-    PVHVM.store(true, Ordering::Relaxed);
-    static mut SI: StartInfo = StartInfo::zeroed();
-    // SAFETY: written once here, before the runtime reads it; the guest has
-    // one vCPU and the upcall does not touch it until start_hvm.
-    let si = unsafe { &mut *core::ptr::addr_of_mut!(SI) };
-    let mem_end = MEM_END.load(Ordering::Relaxed);
-    si.domid = hv[3] as u16;
-    si.nr_pages = mem_end / 4096;
-    si.shared_info_va = (hv[2] as u64) << 12;
-    si.store_va = (leaf[0] as u64) << 12;
-    si.store_evtchn = leaf[1] as u64;
-    si.set_name(name);
     // The heap: from the end of the image (and of any boot module) to the
     // end of memory, at most 2 MiB.
     extern "C" {
         static __image_end: u8;
     }
+    let mem_end = MEM_END.load(Ordering::Relaxed);
     let start = (core::ptr::addr_of!(__image_end) as u64).max(MODULES_END.load(Ordering::Relaxed)).next_multiple_of(4096);
     let size = mem_end.saturating_sub(start).min(2 << 20);
     if size < 256 * 1024 {
@@ -828,11 +813,10 @@ fn start_runtime(name: &str) -> bool {
         return false;
     }
     // SAFETY: [start, start + size) is our own identity-mapped memory above
-    // the image and the modules, used by nothing else; done once.
+    // the image and the modules, used by nothing else; done once (STARTED).
     unsafe { microhv_guest::init_heap_at(start, size as usize) };
-    // SAFETY: `si` is 'static and complete.
-    microhv_guest::start_hvm(unsafe { &*core::ptr::addr_of!(SI) });
-    println!("split drivers through VMCALL: store ring at gfn {:#x}, port {}, heap {} KiB", leaf[0], leaf[1], size / 1024);
+    STARTED.store(true, Ordering::Relaxed);
+    println!("split drivers through VMCALL: store ring at gfn {:#x}, port {}, heap {} KiB", si.store_va >> 12, si.store_evtchn, size / 1024);
     // As the PV DomUs do: wait until Dom0's store answers (its start-up
     // work is then over).
     let _ = microhv_guest::store::read(&alloc::format!("{}/name", microhv_guest::store::home()));
@@ -841,7 +825,7 @@ fn start_runtime(name: &str) -> bool {
 
 /// The echo side of the event ping-pong benchmark, as a hybrid guest.
 fn echo(name: &str) -> ! {
-    if start_runtime(name) {
+    if start_drivers(name) {
         // SAFETY: events arrive as the injected vector from here on.
         unsafe { asm!("sti") };
         match crate::evping::echo() {
@@ -856,10 +840,7 @@ fn echo(name: &str) -> ! {
 /// and the VIRQ_TIMER event channel, upcalls as an injected vector.
 fn pvhvm(name: &str) -> ! {
     use shared_abi::hypercall::{nr, SHUTDOWN_POWEROFF, VIRQ_TIMER};
-    let leaf = cpuid(0x4000_0001);
-    EVTCHN_VECTOR.store(leaf[1] as u64, Ordering::Relaxed);
-    SHARED_INFO.store((leaf[2] as u64) << 12, Ordering::Relaxed);
-    PVHVM.store(true, Ordering::Relaxed);
+    let leaf = hybrid(name);
     // SAFETY: no pointer arguments.
     let abi = unsafe { vmcall(nr::VERSION, [0, 0, 0]) };
     println!(
@@ -962,7 +943,7 @@ fn pvhvm(name: &str) -> ! {
     let mmu = unsafe { vmcall(nr::MMU_UPDATE, [0, 0, 0]) };
     println!("VMCALL refusals: domctl_list -> {list}, mmu_update -> {mmu} (PV-only or privileged)");
     memory(name);
-    if start_runtime(name) {
+    if start_drivers(name) {
         crate::disk::run(name);
     }
     println!("done: {} events handled; shutting down", EVENTS.load(Ordering::SeqCst));
@@ -1087,8 +1068,9 @@ mod bench {
         let quick = cmd.split_ascii_whitespace().any(|w| w == "quick");
         let hybrid = cmd.split_ascii_whitespace().any(|w| w == "pvhvm");
         if hybrid {
-            // The hybrid's console is console_write (see `Uart::write_str`).
-            PVHVM.store(true, Ordering::Relaxed);
+            // Events on the vector; the console is console_write (see
+            // `Uart::write_str`).
+            super::hybrid(name);
         }
         let n = if quick { 200 } else { N_MAX };
         let mut count = 0;
@@ -1135,10 +1117,7 @@ mod bench {
         // The hybrid: an event on a loopback channel, from the send VMCALL
         // to the handler of the injected vector.
         if hybrid {
-            let leaf = cpuid(0x4000_0001);
-            EVTCHN_VECTOR.store(leaf[1] as u64, Ordering::Relaxed);
-            SHARED_INFO.store((leaf[2] as u64) << 12, Ordering::Relaxed);
-            let me = leaf[3] as u64;
+            let me = super::hybrid(name)[3] as u64;
             // SAFETY: no pointer arguments.
             let p1 = unsafe { vmcall(nr::EVTCHN_ALLOC_UNBOUND, [me, 0, 0]) };
             // SAFETY: no pointer arguments.
@@ -1172,7 +1151,7 @@ mod bench {
             // The split drivers over VMCALL: event ping-pong with the echo
             // peer Dom0 paired us with, and 4 KiB reads through blkfront.
             // Interrupts on around each operation: replies are the vector.
-            if start_runtime(name) {
+            if start_drivers(name) {
                 // SAFETY: toggles IF only; the vector's handler is set up.
                 let on = || unsafe { asm!("sti") };
                 // SAFETY: as above.

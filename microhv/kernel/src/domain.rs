@@ -671,6 +671,14 @@ pub fn guest_entry(frame: &mut TrapFrame) {
     schedule(frame, force);
 }
 
+/// Charges the time since the pending guest entry to that domain's
+/// `hv_ns` (its time in microhv), once.
+fn charge_entry(hv: &mut Hv) {
+    if let Some((i, t)) = hv.entered.take() {
+        hv.domains[i].counters.hv_ns += time::nanos_since_boot().saturating_sub(t);
+    }
+}
+
 /// Hypercalls that cannot block or end anyone, nor change a timer: after
 /// them the scheduler would pick the same vCPU with the same deadline.
 /// `evtchn_send` may wake another vCPU, but a wake-up inside a hypercall
@@ -726,9 +734,7 @@ fn fast_return(hv: &mut Hv, cur: usize, frame: &mut TrapFrame, now: u64, mut onl
     }
     trap::set_next_cr3(d.vcpu.cr3.addr());
     hv.domains[cur].counters.cr3_loads += 1;
-    if let Some((i, t)) = hv.entered.take() {
-        hv.domains[i].counters.hv_ns += time::nanos_since_boot().saturating_sub(t);
-    }
+    charge_entry(hv);
     true
 }
 
@@ -1094,9 +1100,7 @@ pub fn schedule(frame: &mut TrapFrame, mut force: bool) {
         if hv.domains[n].hvm.is_some() {
             // The PV domain whose entry brought us here is done being
             // handled: charge it now, not with the HVM run that follows.
-            if let Some((i, t)) = hv.entered.take() {
-                hv.domains[i].counters.hv_ns += time::nanos_since_boot().saturating_sub(t);
-            }
+            charge_entry(hv);
             let deadline = [earliest_timer(hv), hv.sched.next_wakeup()].into_iter().flatten().fold(hv.slice_end, u64::min);
             apic::arm_oneshot(deadline.saturating_sub(now).max(1000));
             force = crate::hvm::run(hv, n);
@@ -1124,9 +1128,7 @@ pub fn schedule(frame: &mut TrapFrame, mut force: bool) {
         apic::arm_oneshot(deadline.saturating_sub(now).max(1000));
         hv.armed_deadline = Some(now + deadline.saturating_sub(now).max(1000));
         hv.domains[n].counters.cr3_loads += 1;
-        if let Some((i, t)) = hv.entered.take() {
-            hv.domains[i].counters.hv_ns += time::nanos_since_boot().saturating_sub(t);
-        }
+        charge_entry(hv);
         return;
     }
 }

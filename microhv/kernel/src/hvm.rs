@@ -891,16 +891,22 @@ fn offer_console(hv: &mut Hv, id: DomId, console: Mfn, store: Mfn) -> Result<sha
 /// waiting output into the ring first.
 fn console_backlog(hv: &mut Hv, idx: usize) -> usize {
     console_out(hv, idx, &[]);
+    let connected = console_connected(hv, idx);
     let d = &hv.domains[idx];
     let Some(h) = d.hvm.as_ref() else { return 0 };
-    let connected = d.channels.is_some_and(|ch| {
-        matches!(hv.evtchn.status(d.id, ch.console_port), Ok(microhv_core::evtchn::ChannelState::Interdomain { .. }))
-    });
     if !connected {
         return h.console_pending.len();
     }
     let console = d.p2m[d.p2m.len() - 2];
     h.console_pending.len() + shared_abi::console::out_pending(&domain::FramePage(console)).unwrap_or(0)
+}
+
+/// Dom0's console backend has bound the domain's console port.
+fn console_connected(hv: &Hv, idx: usize) -> bool {
+    let d = &hv.domains[idx];
+    d.channels.is_some_and(|ch| {
+        matches!(hv.evtchn.status(d.id, ch.console_port), Ok(microhv_core::evtchn::ChannelState::Interdomain { .. }))
+    })
 }
 
 /// Moves UART output into the console ring and tells Dom0; prints it
@@ -910,10 +916,7 @@ fn console_out(hv: &mut Hv, idx: usize, bytes: &[u8]) {
     let d = &mut hv.domains[idx];
     let Some(h) = d.hvm.as_mut() else { return };
     h.console_pending.extend_from_slice(bytes);
-    let id = d.id;
-    let connected = d.channels.is_some_and(|ch| {
-        matches!(hv.evtchn.status(id, ch.console_port), Ok(microhv_core::evtchn::ChannelState::Interdomain { .. }))
-    });
+    let connected = console_connected(hv, idx);
     let d = &mut hv.domains[idx];
     let Some(h) = d.hvm.as_mut() else { return };
     let (Some(ch), true) = (d.channels, connected) else {

@@ -132,11 +132,11 @@ pub fn build_allocator(map: &MemoryMap, modules: &RangeSet<{ microhv_core::multi
     // the free frames: nothing else will ever refer to it. Called once.
     let bits = unsafe { core::slice::from_raw_parts_mut(at as *mut u64, words) };
     let allocator = FrameAllocator::new(bits, &free);
-    ACCESSIBLE.call_once(|| Accessible { managed: allocator.managed().clone(), modules: modules.clone() });
-    if let Some(big) = allocator.managed().iter().max_by_key(|r| r.len()) {
-        BIG_RANGE.0.store(big.start, core::sync::atomic::Ordering::Relaxed);
-        BIG_RANGE.1.store(big.end, core::sync::atomic::Ordering::Relaxed);
-    }
+    ACCESSIBLE.call_once(|| Accessible {
+        big: allocator.managed().iter().max_by_key(|r| r.len()).unwrap_or(Range::new(0, 0)),
+        managed: allocator.managed().clone(),
+        modules: modules.clone(),
+    });
     *FRAMES.lock() = Some(allocator);
     log::info!(
         "memory: frame bitmap at {:#x}, {} KiB for {} MiB of physical address space; {} managed ranges, {} module ranges",
@@ -286,27 +286,23 @@ pub struct Identity;
 /// every shared-info or page-table access on the hypercall path does not
 /// take the allocator's lock.
 struct Accessible {
+    /// The largest managed range, checked first: nearly every frame
+    /// microhv touches lies in it.
+    big: Range,
     managed: RangeSet<{ microhv_core::frame::MANAGED_RANGES }>,
     modules: RangeSet<{ microhv_core::multiboot::MAX_MODULES }>,
 }
 
 static ACCESSIBLE: spin::Once<Accessible> = spin::Once::new();
 
-/// The largest managed range, checked first: nearly every frame microhv
-/// touches lies in it.
-static BIG_RANGE: (core::sync::atomic::AtomicU64, core::sync::atomic::AtomicU64) =
-    (core::sync::atomic::AtomicU64::new(0), core::sync::atomic::AtomicU64::new(0));
-
 fn frame_ptr(mfn: microhv_core::machine::Mfn) -> *mut u8 {
-    use core::sync::atomic::Ordering::Relaxed;
     let addr = mfn.0 << 12;
-    if BIG_RANGE.0.load(Relaxed) <= addr && addr < BIG_RANGE.1.load(Relaxed) {
-        return addr as *mut u8;
-    }
     // Only RAM that the allocator manages and the boot modules (both
     // identity-mapped) are ever touched; anything else is a bug in the caller.
     let ok = ACCESSIBLE.get().is_some_and(|a| {
-        a.managed.contains(addr) || a.modules.iter().any(|r| r.start & !(PAGE_SIZE - 1) <= addr && addr < r.end)
+        a.big.contains(addr)
+            || a.managed.contains(addr)
+            || a.modules.iter().any(|r| r.start & !(PAGE_SIZE - 1) <= addr && addr < r.end)
     });
     assert!(ok, "machine access to unmanaged frame {:#x}", mfn.0);
     addr as *mut u8

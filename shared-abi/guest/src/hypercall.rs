@@ -1,5 +1,6 @@
 //! Hypercall stubs, one per row of the shared-abi table (generated from it by
-//! `shared_abi::for_each_hypercall!`), over one `int 0x82` primitive.
+//! `shared_abi::for_each_hypercall!`), over one primitive: `int 0x82`, or
+//! VMCALL with the `hvm` feature.
 //!
 //! The stubs are `unsafe`: pointer arguments must be valid for what the
 //! hypercall reads or writes. microhv checks them anyway (a bad pointer gets
@@ -9,41 +10,34 @@
 use shared_abi::types::*;
 use shared_abi::Errno;
 
+/// The instruction that enters microhv: `int 0x82` from a PV guest,
+/// VMCALL from a hybrid one (feature `hvm`, where pointers are
+/// guest-physical addresses).
+#[cfg(not(feature = "hvm"))]
+macro_rules! trap_instruction {
+    () => {
+        "int 0x82"
+    };
+}
+#[cfg(feature = "hvm")]
+macro_rules! trap_instruction {
+    () => {
+        "vmcall"
+    };
+}
+
 /// Raw hypercall: number in RAX, arguments in RDI, RSI, RDX, R10, R8.
 ///
 /// # Safety
 /// The arguments must be valid for hypercall `nr` (see docs/abi.md).
-#[cfg(not(feature = "hvm"))]
 #[inline(always)]
 pub unsafe fn raw(nr: u64, a: [u64; 5]) -> i64 {
     let ret: i64;
-    // SAFETY: `int 0x82` traps to microhv, which preserves every register
+    // SAFETY: the trap goes to microhv, which preserves every register
     // except RAX; memory effects are those of the hypercall (caller's contract).
     unsafe {
         core::arch::asm!(
-            "int 0x82",
-            inlateout("rax") nr as i64 => ret,
-            in("rdi") a[0], in("rsi") a[1], in("rdx") a[2], in("r10") a[3], in("r8") a[4],
-            options(nostack)
-        );
-    }
-    ret
-}
-
-/// Raw hypercall from a hybrid guest: VMCALL, same registers; pointers are
-/// guest-physical addresses.
-///
-/// # Safety
-/// The arguments must be valid for hypercall `nr` (see docs/abi.md).
-#[cfg(feature = "hvm")]
-#[inline(always)]
-pub unsafe fn raw(nr: u64, a: [u64; 5]) -> i64 {
-    let ret: i64;
-    // SAFETY: VMCALL exits to microhv, which preserves every register except
-    // RAX; memory effects are those of the hypercall (caller's contract).
-    unsafe {
-        core::arch::asm!(
-            "vmcall",
+            trap_instruction!(),
             inlateout("rax") nr as i64 => ret,
             in("rdi") a[0], in("rsi") a[1], in("rdx") a[2], in("r10") a[3], in("r8") a[4],
             options(nostack)

@@ -77,7 +77,7 @@ pub fn init_heap(si: &StartInfo, reserve_pages: u64) -> usize {
     let size = (pages * 4096) as usize;
     // SAFETY: these pages are ours, mapped read-write by the domain builder,
     // unused by anything else (they follow the boot stack), and initialised once.
-    unsafe { heap::HEAP.lock().init(start as *mut u8, size) };
+    unsafe { init_heap_at(start, size) };
     size
 }
 
